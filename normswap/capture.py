@@ -1,0 +1,169 @@
+"""Graph capture: torch.fx tracing with normalization layers kept as leaves.
+
+When the whole model cannot be traced (data-dependent control flow, unsupported Python), capture
+descends into its children and traces every subtree that holds a norm layer and *can* be traced,
+so the passes still rewrite those; norm layers left outside every traced subtree are returned with
+the reason, for the report.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["TracedPart", "Capture", "NormTracer", "capture", "is_norm_module", "trace", "first_line"]
+
+# BatchNorm look-alikes that are not ``_BatchNorm`` subclasses; matched by class name so that
+# neither torchvision nor timm has to be imported.
+_FROZEN_BN_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
+
+
+def is_norm_module(m: nn.Module) -> bool:
+    """A module the tracer keeps whole: every BatchNorm (subclasses included, e.g. timm's
+    ``BatchNormAct2d``), frozen BNs, SyncBN, and normswap's own layers.  Kept whole so a pass sees
+    the module — tracing *into* ``BatchNormAct2d`` would hide it as ``F.batch_norm`` + act, and
+    ``FrozenBatchNorm2d`` would dissolve into rsqrt/mul/add."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    if type(m).__name__ in _FROZEN_BN_NAMES:
+        return True
+    mod = type(m).__module__
+    return mod.startswith("normswap.") and mod != "normswap.capture"
+
+
+def contains_norm(m: nn.Module) -> bool:
+    return any(is_norm_module(s) for s in m.modules())
+
+
+class NormTracer(fx.Tracer):
+    """``fx.Tracer`` that treats norm layers as leaves (see :func:`is_norm_module`)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_norm_module(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``module`` with :class:`NormTracer`.  The GraphModule shares the module's
+    submodules and parameters (no copy)."""
+    tracer = NormTracer()
+    graph = tracer.trace(module)
+    name = module.__class__.__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    return gm
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return f"{type(exc).__name__}: {msg}"[:200]
+
+
+@dataclass
+class TracedPart:
+    """One traced subtree: ``qualname`` is its path in the model (``""`` = the whole model)."""
+
+    qualname: str
+    graph: fx.GraphModule
+    example_inputs: tuple[Any, ...] | None = None  # positional inputs it saw, if any were given
+    shapes_known: bool = False
+
+
+@dataclass
+class Capture:
+    root: nn.Module
+    parts: list[TracedPart] = field(default_factory=list)
+    # norm layers outside every traced part: (qualified name, why its parent could not be traced)
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def whole(self) -> bool:
+        return len(self.parts) == 1 and self.parts[0].qualname == ""
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    leaf: Callable[[nn.Module], bool] | None = None,
+) -> Capture:
+    """Trace ``model`` (or, failing that, its traceable subtrees) and propagate shapes.
+
+    ``model`` is used as is — the caller passes a copy if it will rewrite.  With
+    ``example_inputs``, one forward pass records each part's inputs and every node gets
+    ``meta["tensor_meta"]`` (shape, dtype) from ``ShapeProp``.
+    """
+    cap = Capture(root=model)
+
+    def visit(mod: nn.Module, qual: str, why: str | None) -> None:
+        if not contains_norm(mod):
+            return
+        if is_norm_module(mod) and why is not None:
+            cap.untraced.append((qual, why))
+            return
+        try:
+            gm = trace(mod)
+        except Exception as exc:  # any tracing failure: descend
+            reason = f"{type(mod).__name__} at '{qual or '<model>'}' is not traceable by torch.fx ({first_line(exc)})"
+            for name, child in mod.named_children():
+                visit(child, _join(qual, name), reason)
+            if is_norm_module(mod):
+                cap.untraced.append((qual, reason))
+            return
+        cap.parts.append(TracedPart(qual, gm))
+
+    visit(model, "", None)
+    if example_inputs is not None and cap.parts:
+        _propagate_shapes(cap, example_inputs)
+    return cap
+
+
+def _propagate_shapes(cap: Capture, example_inputs: tuple[Any, ...]) -> None:
+    was_training = cap.root.training
+    cap.root.eval()
+    try:
+        if cap.whole:
+            part = cap.parts[0]
+            part.example_inputs = tuple(example_inputs)
+        else:
+            _record_part_inputs(cap, example_inputs)
+        for part in cap.parts:
+            if part.example_inputs is None:
+                continue
+            part.graph.eval()
+            with torch.no_grad():
+                ShapeProp(part.graph).propagate(*part.example_inputs)
+            part.shapes_known = True
+    finally:
+        cap.root.train(was_training)
+
+
+def _record_part_inputs(cap: Capture, example_inputs: tuple[Any, ...]) -> None:
+    """Run the model once, recording the positional inputs each traced part receives first."""
+    modules = dict(cap.root.named_modules())
+    handles = []
+    for part in cap.parts:
+        mod = modules[part.qualname]
+        sig = inspect.signature(mod.forward)
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict, part: TracedPart = part, sig=sig) -> None:
+            if part.example_inputs is None:
+                bound = sig.bind(*args, **kwargs)
+                bound.apply_defaults()
+                part.example_inputs = tuple(bound.arguments.values())
+
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            cap.root(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()

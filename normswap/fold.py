@@ -1,0 +1,261 @@
+"""The fold pass: eval-time BatchNorm folded into neighbouring layers, exactly.
+
+The pure arithmetic (tensors in, tensors out) comes first; the graph surgery that calls it
+(:func:`fold`) comes after.  Eval-mode BatchNorm is a per-channel affine map
+
+    BN(x)_c = γ_c (x_c − μ_c) / √(σ²_c + ε) + β_c = s_c · x_c + t_c,
+    s = γ / √(σ² + ε),   t = β − μ · s.
+
+Every function here computes in float64 and casts the result back to the dtype of the weight it
+replaces, so an fp16/bf16 model keeps its dtype while the fold itself loses no precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fold",
+    "FoldResult",
+    "SiteAction",
+    "bn_scale_shift",
+    "fold_conv_bn_weights",
+    "fold_linear_bn_weights",
+    "fold_bn_into_conv_input",
+    "fold_bn_into_linear_input",
+]
+
+
+def bn_scale_shift(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Return float64 ``(s, t)`` with ``BN(x) = s·x + t``: ``s = γ/√(σ²+ε)``, ``t = β − μ·s``.
+
+    ``weight``/``bias`` may be None (``affine=False``): γ = 1, β = 0.
+    """
+    mean = running_mean.detach().to(torch.float64)
+    var = running_var.detach().to(torch.float64)
+    gamma = torch.ones_like(mean) if weight is None else weight.detach().to(torch.float64)
+    beta = torch.zeros_like(mean) if bias is None else bias.detach().to(torch.float64)
+    scale = gamma * torch.rsqrt(var + float(eps))
+    return scale, beta - mean * scale
+
+
+def _bias64(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
+    if bias is None:
+        return torch.zeros(n, dtype=torch.float64, device=like.device)
+    return bias.detach().to(torch.float64)
+
+
+def fold_conv_bn_weights(
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    *,
+    transpose: bool = False,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fold ``y = s·conv(x; W, b) + t`` into one convolution.
+
+    ``W'_o = s_o · W_o`` for every output channel ``o`` and ``b' = s·b + t``.
+
+    A convolution's weight is ``[C_out, C_in/g, *K]``; a transposed convolution's is
+    ``[C_in, C_out/g, *K]``, where output channel ``o = group·(C_out/g) + j`` lives at
+    ``W[group·(C_in/g) : …, j]`` — so with ``groups > 1`` the scale must be laid out per group
+    (``torch.nn.utils.fusion`` assumes ``groups == 1`` here).
+    """
+    w = weight.detach().to(torch.float64)
+    k = w.dim() - 2
+    if transpose:
+        c_in, c_out_g = w.shape[0], w.shape[1]
+        s = scale.reshape(groups, 1, c_out_g, *([1] * k))
+        w = (w.reshape(groups, c_in // groups, c_out_g, *w.shape[2:]) * s).reshape(weight.shape)
+        c_out = c_out_g * groups
+    else:
+        c_out = w.shape[0]
+        w = w * scale.reshape(c_out, *([1] * (k + 1)))
+    b = _bias64(bias, c_out, w) * scale + shift
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
+def fold_linear_bn_weights(
+    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fold ``y = s·(W x + b) + t`` (BatchNorm1d on ``[N, C]``): ``W' = diag(s) W``, ``b' = s·b + t``."""
+    w = weight.detach().to(torch.float64)
+    b = _bias64(bias, w.shape[0], w) * scale + shift
+    return (w * scale[:, None]).to(weight.dtype), b.to(weight.dtype)
+
+
+def fold_bn_into_conv_input(
+    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *, groups: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Fold a BN that *feeds* a convolution: ``conv(s·x + t; W, b) = conv(x; W', b')``.
+
+    ``W'[o, j] = W[o, j] · s[i]`` and ``b'_o = b_o + Σ_{j,k} W[o, j, k] · t[i]`` where
+    ``i = group(o)·(C_in/g) + j`` is the input channel that filter slice reads.  Exact only when
+    every output position reads a full window of real inputs — no zero padding (the caller checks).
+    """
+    w = weight.detach().to(torch.float64)
+    c_out, c_in_g = w.shape[0], w.shape[1]
+    k = w.dim() - 2
+    # [g, C_in/g] -> one row of input-channel factors per output channel of that group
+    s = scale.reshape(groups, 1, c_in_g).expand(groups, c_out // groups, c_in_g).reshape(c_out, c_in_g)
+    t = shift.reshape(groups, 1, c_in_g).expand(groups, c_out // groups, c_in_g).reshape(c_out, c_in_g)
+    b = _bias64(bias, c_out, w) + (w.sum(dim=tuple(range(2, 2 + k))) * t).sum(dim=1)
+    w = w * s.reshape(c_out, c_in_g, *([1] * k))
+    return w.to(weight.dtype), b.to(weight.dtype)
+
+
+def fold_bn_into_linear_input(
+    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Fold a BatchNorm1d on ``[N, C]`` that feeds a Linear: ``W' = W diag(s)``, ``b' = b + W t``."""
+    w = weight.detach().to(torch.float64)
+    b = _bias64(bias, w.shape[0], w) + w @ shift
+    return (w * scale[None, :]).to(weight.dtype), b.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The pass: graph surgery that calls the arithmetic above.
+# --------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+from typing import Any, Iterable  # noqa: E402
+
+from torch import fx, nn  # noqa: E402
+
+from .capture import capture  # noqa: E402
+from .layers import ChannelAffine, PostNorm, is_identity  # noqa: E402
+from .passes import PassResult, SiteAction, assemble, set_module, unique_target  # noqa: E402
+from .sites import BNParams, NormSite, bn_params, bn_post_ops, can_fold, find_sites  # noqa: E402
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+FoldResult = PassResult
+
+
+def _with_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
+    """A copy of ``layer`` with new weight and bias (never touches ``layer``'s tensors)."""
+    new = copy.copy(layer)
+    new._parameters = dict(layer._parameters)
+    new._buffers = dict(layer._buffers)
+    new._modules = dict(layer._modules)
+    req = layer.weight.requires_grad
+    new.weight = nn.Parameter(weight, requires_grad=req)
+    new.bias = nn.Parameter(bias, requires_grad=req)
+    return new
+
+
+def _fold_into_producer(layer: nn.Module, s: Tensor, t: Tensor) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        w, b = fold_linear_bn_weights(layer.weight, layer.bias, s, t)
+    else:
+        w, b = fold_conv_bn_weights(
+            layer.weight, layer.bias, s, t,
+            transpose=isinstance(layer, _TRANSPOSED), groups=layer.groups,
+        )
+    return _with_weights(layer, w, b)
+
+
+def _fold_into_consumer(layer: nn.Module, s: Tensor, t: Tensor) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        w, b = fold_bn_into_linear_input(layer.weight, layer.bias, s, t)
+    else:
+        w, b = fold_bn_into_conv_input(layer.weight, layer.bias, s, t, groups=layer.groups)
+    return _with_weights(layer, w, b)
+
+
+def _post(bn: nn.Module) -> PostNorm | None:
+    drop, act = bn_post_ops(bn)
+    drop = None if is_identity(drop) else drop
+    act = None if is_identity(act) else act
+    return None if drop is None and act is None else PostNorm(drop, act)
+
+
+def _affine(bn: nn.Module, p: BNParams) -> ChannelAffine:
+    s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
+    dtype = p.weight.dtype if p.weight is not None else p.running_mean.dtype
+    post = _post(bn)
+    return ChannelAffine(
+        s.to(dtype), t.to(dtype),
+        None if post is None else post.drop, None if post is None else post.act,
+    )
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    skip: Iterable[str] = (),
+) -> PassResult:
+    """Fold every eval-mode BatchNorm of ``model`` away, exactly; ``model`` is not touched.
+
+    Returns the rewritten (eval-mode, inference) model and one :class:`SiteAction` per site.
+    ``skip`` names sites to leave alone (used to re-apply a saved conversion faithfully).
+    """
+    work = copy.deepcopy(model).eval()
+    cap = capture(work, example_inputs)
+    sites = find_sites(cap)
+    skip = set(skip)
+    result = PassResult(model=work, pass_name="fold")
+    maps: dict[str, dict[str, str | None]] = {p.qualname: {} for p in cap.parts}
+    for site in sites:
+        if site.name in skip:
+            result.actions.append(SiteAction(site.name, site.kind, "refuse", reason="skipped on request"))
+            continue
+        plan = can_fold(site)  # computed against the graph as already rewritten: chains compose
+        action = SiteAction(site.name, site.kind, plan.action, plan.target, plan.reason)
+        action.exact = plan.action != "refuse"
+        result.actions.append(action)
+        if plan.action == "refuse":
+            continue
+        params = bn_params(site.module)
+        assert isinstance(params, BNParams)
+        if site.node is None:  # outside every traced part: swap the module itself
+            set_module(work, site.name, _affine(site.module, params))
+            continue
+        gm, n = site.part.graph, site.node
+        nmap = maps[site.part.qualname]
+        s, t = bn_scale_shift(params.running_mean, params.running_var, params.weight, params.bias, params.eps)
+        if plan.action == "affine":
+            set_module(gm, str(n.target), _affine(site.module, params))
+        elif plan.action == "into-consumer":
+            (u,) = n.users
+            set_module(gm, str(u.target), _fold_into_consumer(gm.get_submodule(str(u.target)), s, t))
+            u.args = (n.args[0],)
+            gm.graph.erase_node(n)
+        else:
+            src = n.args[0]
+            assert isinstance(src, fx.Node)
+            layer = gm.get_submodule(str(src.target))
+            folded = _fold_into_producer(layer, s, t)
+            if plan.action == "into-producer":
+                set_module(gm, str(src.target), folded)
+                out = src
+            else:  # a copy carries the BN path; the original keeps feeding everyone else
+                new_target = unique_target(gm, f"{src.target}_bnfold")
+                gm.add_submodule(new_target, folded)
+                with gm.graph.inserting_after(src):
+                    out = gm.graph.call_module(new_target, src.args, dict(src.kwargs))
+                action.target = new_target
+            post = _post(site.module)
+            if post is not None:  # keep BatchNormAct's dropout + activation, at the BN's own path
+                set_module(gm, str(n.target), post)
+                with gm.graph.inserting_after(out):
+                    post_node = gm.graph.call_module(str(n.target), (out,))
+                nmap[out.name] = None  # pre-activation value: no counterpart in the original
+                out = post_node
+            n.replace_all_uses_with(out)
+            gm.graph.erase_node(n)
+            nmap[out.name] = n.name
+    result.model = assemble(cap).eval()
+    result.graphs = {p.qualname: p.graph for p in cap.parts}
+    result.node_maps = maps
+    return result

@@ -1,0 +1,64 @@
+"""Small modules the rewrite passes leave behind in a rewritten model."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class ChannelAffine(nn.Module):
+    """``y = post(s_c · x_c + t_c)`` along dim 1: an eval BatchNorm that had nothing to fold into.
+
+    ``post`` is the dropout and activation a BatchNorm subclass such as timm's ``BatchNormAct2d``
+    applied after normalizing (kept as children ``drop``/``act`` so their names survive).
+    Exports to ONNX as one Mul and one Add.
+    """
+
+    def __init__(
+        self,
+        scale: Tensor,
+        shift: Tensor,
+        drop: nn.Module | None = None,
+        act: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x = x * self.scale.reshape(shape) + self.shift.reshape(shape)
+        if self.drop is not None:
+            x = self.drop(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}"
+
+
+class PostNorm(nn.Module):
+    """What a BatchNorm subclass did after normalizing (dropout, then activation), kept when the
+    normalization itself was folded away or replaced — so an activation is never lost."""
+
+    def __init__(self, drop: nn.Module | None, act: nn.Module | None) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop is not None:
+            x = self.drop(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+def is_identity(m: nn.Module | None) -> bool:
+    """True for a missing or ``nn.Identity`` post-op (nothing to keep)."""
+    return m is None or type(m) is nn.Identity
+
+
+__all__ = ["ChannelAffine", "PostNorm", "is_identity"]
