@@ -26,7 +26,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| relative to the scale of ``a``."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 

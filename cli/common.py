@@ -1,0 +1,133 @@
+"""Shared CLI pieces: options, the error boundary, input shapes.  The CLI calls only the public API."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+import normswap
+from normswap.errors import InputError, NormswapError
+
+# Piped output (CI logs, files) gets a readable width instead of rich's 80-column fallback.
+_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY = 0, 1, 2, 3
+DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ---- options shared by commands ------------------------------------------------------------
+ModelArg = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="package.module:callable, path/to/file.py:callable, or a pickled model file (needs --trust-pickle). "
+        "Omit for the bundled digits ResNet.",
+        show_default=False,
+    ),
+]
+ArgOpt = Annotated[list[str], typer.Option("--arg", "-a", help="key=value keyword argument for the model callable (repeatable; values parsed as Python literals).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="state dict: .safetensors or .pt/.pth/.bin (loaded weights-only).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled file that can execute code. Only for files you trust.")]
+NoStrictOpt = Annotated[bool, typer.Option("--no-strict", help="load only the weights that fit; report the missing/unexpected keys.")]
+ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", "-s", help="example input shape, e.g. 1,3,224,224 (default: the model's own, else 1,3,224,224).")]
+SamplesOpt = Annotated[Optional[str], typer.Option("--samples", help="extra parity inputs: a tensor [N, ...] in .pt/.npy/.safetensors.")]
+AtolOpt = Annotated[float, typer.Option("--atol", help="parity: absolute tolerance (pass when max|err| <= atol + rtol * max|reference|).")]
+RtolOpt = Annotated[float, typer.Option("--rtol", help="parity: tolerance relative to the output's scale.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout instead of tables.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show the full traceback on errors.")]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' or '1x3x224x224' → (1, 3, 224, 224); one clear error otherwise."""
+    parts = [p.strip() for p in text.replace("x", ",").replace(" ", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--input-shape '{text}' is not a list of integers; write it like 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise InputError(f"--input-shape '{text}' needs positive dimensions, batch first, e.g. 1,3,224,224")
+    return shape
+
+
+def load(model: str | None, args: list[str], weights: str | None, trust_pickle: bool, no_strict: bool) -> normswap.LoadedModel:
+    from normswap.load import parse_kv_args
+
+    return normswap.load_model(model, args=parse_kv_args(args or []), weights=weights, trust_pickle=trust_pickle, strict=not no_strict)
+
+
+def input_shape(loaded: normswap.LoadedModel, given: str | None) -> tuple[tuple[int, ...], str]:
+    """The example input shape and where it came from."""
+    if given:
+        return parse_shape(given), "--input-shape"
+    if loaded.input_shape:
+        return tuple(loaded.input_shape), "the model's default"
+    return DEFAULT_INPUT_SHAPE, "default (pass --input-shape to change)"
+
+
+def example_input(shape: tuple[int, ...], seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+def load_samples(path: str | None):
+    if path is None:
+        return None
+    from normswap.load import load_tensor_file
+
+    return load_tensor_file(path)
+
+
+def debug_enabled(flag: bool) -> bool:
+    return flag or os.environ.get("NORMSWAP_DEBUG", "") not in ("", "0")
+
+
+def guarded(fn: F) -> F:
+    """The error boundary: a NormswapError becomes one line on stderr and its exit code; anything
+    unexpected becomes one line and exit 1; ``--debug`` (or NORMSWAP_DEBUG=1) shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        debug = debug_enabled(bool(kw.get("debug", False)))
+        try:
+            return fn(*a, **kw)
+        except typer.Exit:
+            raise
+        except NormswapError as e:
+            if debug:
+                traceback.print_exc()
+            err_console.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]; no output file was left half-written")
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug in normswap or in the model: say so in one line
+            if debug:
+                traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            err_console.print(
+                Text.assemble(
+                    ("error: ", "bold red"),
+                    f"unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback, and please report it)",
+                ),
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(obj: Any) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,152 @@
+"""``normswap convert``: load → rewrite → (export) → parity → outputs and report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import normswap
+from normswap.atomic import atomic_write_text, staging_dir
+from normswap.report import build_report, sites_table
+
+from .common import (
+    EXIT_PARITY,
+    ArgOpt,
+    AtolOpt,
+    DebugOpt,
+    JsonOpt,
+    ModelArg,
+    NoStrictOpt,
+    RtolOpt,
+    SamplesOpt,
+    ShapeOpt,
+    TrustOpt,
+    WeightsOpt,
+    console,
+    err_console,
+    example_input,
+    guarded,
+    input_shape,
+    load,
+    load_samples,
+    print_json,
+)
+
+
+@guarded
+def convert(
+    model: ModelArg = None,
+    to: Annotated[str, typer.Option("--to", "-t", help="fold, or a norm target (see `normswap targets`).")] = "fold",
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", "-o", help="write the rewritten model as ONNX here (only if parity passes).")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="save the conversion (safetensors + JSON record) into this directory.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="write the JSON report here.")] = None,
+    arg: ArgOpt = [],
+    weights: WeightsOpt = None,
+    trust_pickle: TrustOpt = False,
+    no_strict: NoStrictOpt = False,
+    input_shape_: ShapeOpt = None,
+    samples: SamplesOpt = None,
+    groups: Annotated[Optional[int], typer.Option("--groups", help="GroupNorm groups (default: 32, else the divisor of C closest to it).")] = None,
+    exporter: Annotated[str, typer.Option("--exporter", help="auto, dynamo or torchscript.")] = "auto",
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default chosen per exporter).")] = None,
+    atol: AtolOpt = normswap.parity.DEFAULT_ATOL,
+    rtol: RtolOpt = normswap.parity.DEFAULT_RTOL,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="write the ONNX even when parity fails.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Rewrite the model's BatchNorms (fold them, or swap them for another norm), export, verify."""
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = load(model, arg, weights, trust_pickle, no_strict)
+    times["load"] = time.perf_counter() - t
+    shape, shape_src = input_shape(loaded, input_shape_)
+    x = example_input(shape)
+    extra = load_samples(samples)
+
+    t = time.perf_counter()
+    conv = normswap.rewrite(
+        loaded.model, to, (x,), groups=groups, atol=atol, rtol=rtol,
+        source={"spec": loaded.spec, "args": loaded.args},
+    )
+    times["rewrite"] = time.perf_counter() - t
+
+    exported = None
+    if onnx is not None:
+        with staging_dir(onnx) as tmp:
+            t = time.perf_counter()
+            exported = normswap.export_onnx(conv.model, (x,), tmp / onnx.name, exporter=exporter, opset=opset)
+            times["export"] = time.perf_counter() - t
+            parity = _parity(loaded.model, conv, tmp / onnx.name, shape, extra, atol, rtol, times)
+            if parity or keep_failed:
+                produced = [exported.path] + ([exported.data_path] if exported.data_path else [])
+                for p in produced:
+                    os.replace(p, onnx.parent / Path(p).name)
+                exported.path = onnx
+                if exported.data_path:
+                    exported.data_path = onnx.parent / Path(exported.data_path).name
+    else:
+        parity = _parity(loaded.model, conv, None, shape, extra, atol, rtol, times)
+
+    if save is not None:
+        normswap.save_conversion(conv, save)
+    model_info = {"spec": loaded.spec or "normswap.models.digits:digits_resnet (bundled)", "args": loaded.args,
+                  "weights": loaded.weights, "input_shape": list(shape), "input_shape_from": shape_src, "notes": loaded.notes}
+    rep = build_report(conv, model=model_info, export=exported, parity=parity, timings=times)
+    if report is not None:
+        import json
+
+        atomic_write_text(report, json.dumps(rep, indent=2, default=str))
+
+    if json_out:
+        print_json(rep)
+    else:
+        _print_summary(conv, exported, parity, onnx, save, report, times)
+    if not parity:
+        if onnx is not None and not keep_failed:
+            err_console.print(f"parity failed: {onnx} was not written (pass --keep-failed to write it anyway)")
+        raise typer.Exit(EXIT_PARITY)
+
+
+def _parity(original, conv, onnx_path, shape, samples, atol, rtol, times):
+    t = time.perf_counter()
+    if conv.exact:
+        res = normswap.check_parity(original, conv.model, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol)
+    else:
+        # the target changes the function on purpose: what must hold is rewritten ↔ onnxruntime
+        res = normswap.check_parity(conv.model, None, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol)
+        for s in res.stats:
+            s.pair = s.pair.replace("original", "rewritten")
+        res.notes.append(f"'{conv.to}' changes the model's function by design: parity checks the export only")
+    if not res and conv.exact:
+        res.divergence = conv.divergence(original, shape, atol=atol, rtol=rtol)
+    times["parity"] = time.perf_counter() - t
+    return res
+
+
+def _print_summary(conv, exported, parity, onnx, save, report, times) -> None:
+    rows = [a.to_dict() for a in conv.actions]
+    counts = ", ".join(f"{n} {k}" for k, n in conv.summary().items())
+    # the plain cases are summed up; every site that needed something else is listed with why
+    plain = {"into-producer"} if conv.to == "fold" else set()
+    special = [r for r in rows if r["action"] not in plain or r.get("notes")]
+    console.print(f"normswap convert --to {conv.to}: {len(rows)} norm site(s): {counts}")
+    if special:
+        console.print(sites_table(special, title="sites needing more than a plain rewrite"))
+    if parity is not None and parity.stats:
+        console.print(parity)
+    if exported is not None:
+        bn = exported.op_counts.get("BatchNormalization", 0)
+        nodes = sum(exported.op_counts.values())
+        where = onnx if (parity or onnx is None) else "(not written)"
+        console.print(f"ONNX: {where} — {nodes} nodes, {bn} BatchNormalization, exporter {exported.exporter}, opset {exported.opset}")
+    if save is not None:
+        console.print(f"saved conversion: {save}")
+    if report is not None:
+        console.print(f"report: {report}")
+    total = sum(times.values())
+    console.print(f"{'PASSED' if parity else 'FAILED'}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()) + f" (total {total:.2f}s)")

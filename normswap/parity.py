@@ -1,0 +1,817 @@
+"""Numerical parity: does the rewritten / exported model compute what the original did?
+
+Results are objects (in the spirit of Polygraphy's comparator): :func:`compare` returns one
+:class:`OutputStats` per output, :func:`check_parity` gathers them into a :class:`ParityResult`
+that is truthy when everything passed, serialises to JSON and renders as a rich table.
+
+**Pass rule.** For every output of every batch, with ``reference`` the trusted side of the pair
+(the original model, or the rewritten model for ``rewritten↔onnxruntime``)::
+
+    scale   = max |reference|                       (finite entries; 0 for an empty tensor)
+    max_abs = max |candidate - reference|
+    passed  = max_abs <= atol + rtol * scale
+
+i.e. the error is measured against the *output's scale*, not element by element, which is what
+"max error ≤ 1e-4 relative to the output scale" means for a deployed network (element-wise
+relative error is meaningless for logits near zero). ``max_rel = max_abs / max(scale, 1e-12)``
+is reported for reading. Defaults: ``DEFAULT_ATOL = 1e-5``, ``DEFAULT_RTOL = 1e-4``.
+Integer and bool outputs must match exactly. NaN matches NaN and ±inf matches the same
+infinity at the same position; any other non-finite mismatch makes ``max_abs`` infinite.
+All statistics are computed in float64. A shape mismatch or a missing output is a failed
+:class:`OutputStats` with a ``note``, never an exception.
+
+Pairs are named ``"original↔rewritten"``, ``"original↔onnxruntime"`` and
+``"rewritten↔onnxruntime"`` (reference first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from normswap.errors import InputError, NormswapError
+
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_RTOL",
+    "PAIR_ORIGINAL_REWRITTEN",
+    "PAIR_ORIGINAL_ORT",
+    "PAIR_REWRITTEN_ORT",
+    "OutputStats",
+    "ParityResult",
+    "compare",
+    "flatten_outputs",
+    "make_inputs",
+    "run_onnxruntime",
+    "clear_session_cache",
+    "check_parity",
+    "first_divergence",
+]
+
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-4
+SCALE_FLOOR = 1e-12  # max_rel = max_abs / max(scale, SCALE_FLOOR)
+
+PAIR_ORIGINAL_REWRITTEN = "original↔rewritten"
+PAIR_ORIGINAL_ORT = "original↔onnxruntime"
+PAIR_REWRITTEN_ORT = "rewritten↔onnxruntime"
+
+Batch = int | str
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class OutputStats:
+    """One output, one comparison pair, one batch."""
+
+    pair: str
+    output: str
+    batch: Batch
+    shape: tuple[int, ...]
+    max_abs: float
+    scale: float
+    max_rel: float
+    cosine: float
+    top1: float | None
+    passed: bool
+    tolerance: float = 0.0  # atol + rtol * scale (0 for exact comparisons)
+    note: str | None = None  # why it failed when no numbers could say it (shape, missing output)
+
+    @property
+    def ratio(self) -> float:
+        """max_abs / tolerance: ≤ 1 passes (inf when an exact comparison differs)."""
+        if math.isnan(self.max_abs):
+            return math.inf
+        if self.tolerance > 0:
+            return self.max_abs / self.tolerance
+        return 0.0 if self.max_abs == 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return _json_safe(d)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OutputStats:
+        names = {f.name for f in fields(cls)}
+        kw = {k: _from_json_float(v) for k, v in d.items() if k in names}
+        kw["shape"] = tuple(kw.get("shape") or ())
+        return cls(**kw)
+
+
+@dataclass
+class ParityResult:
+    """Every comparison of one parity check; truthy when all passed (and there was at least one)."""
+
+    stats: list[OutputStats]
+    atol: float
+    rtol: float
+    divergence: str | None = None  # first graph node where rewritten and original diverge
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.stats) and all(s.passed for s in self.stats)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    @property
+    def failed(self) -> list[OutputStats]:
+        return [s for s in self.stats if not s.passed]
+
+    def worst(self) -> OutputStats | None:
+        """The comparison furthest over (or closest to) its tolerance; None if there were none."""
+        if not self.stats:
+            return None
+        return max(self.stats, key=lambda s: (not s.passed, s.ratio, s.max_rel))
+
+    def pairs(self) -> list[str]:
+        return list(dict.fromkeys(s.pair for s in self.stats))
+
+    def summary(self) -> str:
+        """One line: verdict, counts, tolerance and the worst comparison."""
+        n, bad = len(self.stats), len(self.failed)
+        tol = f"atol={self.atol:g} + rtol={self.rtol:g}·scale"
+        if n == 0:
+            return f"parity NOT CHECKED: no comparisons were made ({tol})"
+        w = self.worst()
+        assert w is not None
+        where = f"{w.pair} {w.output} batch {w.batch}"
+        verdict = "PASSED" if self else "FAILED"
+        line = (
+            f"parity {verdict}: {n - bad}/{n} comparisons within {tol}; worst: {where} "
+            f"max rel err {w.max_rel:.1e} (max abs {w.max_abs:.1e})"
+        )
+        if w.note and not w.passed:
+            line += f" — {w.note}"
+        return line
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.worst()
+        return _json_safe(
+            {
+                "passed": bool(self),
+                "atol": self.atol,
+                "rtol": self.rtol,
+                "summary": self.summary(),
+                "divergence": self.divergence,
+                "notes": list(self.notes),
+                "worst": None if w is None else w.to_dict(),
+                "stats": [s.to_dict() for s in self.stats],
+            }
+        )
+
+    def to_json(self, **kw: Any) -> str:
+        opts: dict[str, Any] = {"indent": 2, "ensure_ascii": False}
+        opts.update(kw)
+        return json.dumps(self.to_dict(), **opts)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ParityResult:
+        return cls(
+            stats=[OutputStats.from_dict(s) for s in d.get("stats", [])],
+            atol=float(d["atol"]),
+            rtol=float(d["rtol"]),
+            divergence=d.get("divergence"),
+            notes=list(d.get("notes", [])),
+        )
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="parity", title_justify="left", show_lines=False)
+        for col, just in [
+            ("pair", "left"),
+            ("output", "left"),
+            ("batch", "right"),
+            ("shape", "left"),
+            ("max abs", "right"),
+            ("scale", "right"),
+            ("max rel", "right"),
+            ("cosine", "right"),
+            ("top-1", "right"),
+            ("result", "left"),
+        ]:
+            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        for s in self.stats:
+            verdict = Text("pass", style="green") if s.passed else Text("FAIL", style="bold red")
+            if s.note:
+                verdict.append(f" ({s.note})", style="dim" if s.passed else "red")
+            table.add_row(
+                s.pair,
+                s.output,
+                str(s.batch),
+                "×".join(map(str, s.shape)) if s.shape else "scalar",
+                _fmt(s.max_abs),
+                _fmt(s.scale),
+                _fmt(s.max_rel),
+                "-" if math.isnan(s.cosine) else f"{s.cosine:.6f}",
+                "-" if s.top1 is None else f"{s.top1:.1%}",
+                verdict,
+            )
+        parts: list[Any] = [table, Text(self.summary(), style="bold green" if self else "bold red")]
+        if self.divergence:
+            parts.append(Text(f"first divergence: {self.divergence}", style="yellow"))
+        for note in self.notes:
+            parts.append(Text(f"note: {note}", style="dim"))
+        return Group(*parts)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2e}" if math.isfinite(x) else str(x)
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats become the strings "inf", "-inf", "nan" (strict JSON has no such numbers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _from_json_float(v: Any) -> Any:
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+        return float(v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# flattening and comparing
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (Tensor, np.ndarray, np.generic))
+
+
+def _key_part(k: Any) -> tuple[str, str]:
+    if isinstance(k, pytree.SequenceKey):
+        return "seq", str(k.idx)
+    if isinstance(k, pytree.MappingKey):
+        return "map", str(k.key)
+    if isinstance(k, pytree.GetAttrKey):
+        return "map", str(k.name)
+    return "map", str(k).strip(".[]'\"")
+
+
+def output_name(path: Sequence[Any], root: str = "output") -> str:
+    """Name for a pytree key path: ``output``, ``output_0``, ``output_1_0``, ``logits``, ``aux_0``, ``a.b``."""
+    if not path:
+        return root
+    parts = [_key_part(k) for k in path]
+    kind, first = parts[0]
+    name = f"{root}_{first}" if kind == "seq" else first
+    for kind, p in parts[1:]:
+        name += f"_{p}" if kind == "seq" else f".{p}"
+    return name
+
+
+def flatten_outputs(obj: Any, root: str = "output") -> list[tuple[str, Any]]:
+    """Flatten a tensor / array / nested tuple, list, dict into ``[(name, array_leaf), ...]``.
+
+    Order is pytree order (dict insertion order), the order both ONNX exporters use.
+    Non-array leaves (None, Python numbers, strings) are dropped, as the exporters drop them.
+    """
+    if _is_array(obj):
+        return [(root, obj)]
+    leaves, _ = pytree.tree_flatten_with_path(obj)
+    out: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for path, leaf in leaves:
+        if not _is_array(leaf):
+            continue
+        name = base = output_name(path, root)
+        i = 1
+        while name in seen:
+            name = f"{base}__{i}"
+            i += 1
+        seen.add(name)
+        out.append((name, leaf))
+    return out
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2) or x.dtype.is_floating_point and x.element_size() < 2:
+            x = x.float()
+        return x.resolve_conj().resolve_neg().numpy()
+    return np.asarray(x)
+
+
+def _is_exact(a: np.ndarray) -> bool:
+    return a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer)
+
+
+def _failed(pair: str, name: str, batch: Batch, shape: tuple[int, ...], scale: float, note: str) -> OutputStats:
+    return OutputStats(
+        pair=pair,
+        output=name,
+        batch=batch,
+        shape=shape,
+        max_abs=math.inf,
+        scale=scale,
+        max_rel=math.inf,
+        cosine=math.nan,
+        top1=None,
+        passed=False,
+        tolerance=0.0,
+        note=note,
+    )
+
+
+def _abs_max(a: np.ndarray) -> float:
+    if a.size == 0:
+        return 0.0
+    fin = np.isfinite(a)
+    if not fin.all():
+        a = a[fin]
+        if a.size == 0:
+            return 0.0
+    return float(np.abs(a).max())
+
+
+def compare_arrays(
+    reference: Any, candidate: Any, *, pair: str, output: str, batch: Batch, atol: float, rtol: float
+) -> OutputStats:
+    """Compare one reference array/tensor with one candidate (see the module docstring)."""
+    r = _to_numpy(reference)
+    c = _to_numpy(candidate)
+    exact = _is_exact(r)
+    cplx = np.iscomplexobj(r) or np.iscomplexobj(c)
+    dt = np.complex128 if cplx else np.float64
+    r64 = r.astype(dt)
+    scale = _abs_max(r64)
+    if r.shape != c.shape:
+        return _failed(pair, output, batch, tuple(r.shape), scale, f"shape {tuple(c.shape)} vs reference {tuple(r.shape)}")
+    c64 = c.astype(dt)
+    if r64.size == 0:
+        max_abs, cosine = 0.0, 1.0
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):
+            same = (r64 == c64) | (np.isnan(r64) & np.isnan(c64))
+            diff = np.where(same, 0.0, np.abs(r64 - c64))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        max_abs = float(diff.max())
+        fin = np.isfinite(r64) & np.isfinite(c64)
+        a, b = r64[fin].ravel(), c64[fin].ravel()
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        if na == 0.0 and nb == 0.0:
+            cosine = 1.0
+        elif na == 0.0 or nb == 0.0:
+            cosine = 0.0
+        else:
+            cosine = float(np.real(np.vdot(a, b))) / (na * nb)
+            cosine = max(-1.0, min(1.0, cosine))
+    tolerance = 0.0 if exact else atol + rtol * scale
+    max_rel = max_abs / max(scale, SCALE_FLOOR)
+    passed = max_abs == 0.0 if exact else bool(max_abs <= tolerance)
+    top1 = None
+    if r.ndim == 2 and r.shape[1] > 1 and r.shape[0] > 0 and not exact and not cplx:
+        top1 = float(np.mean(np.argmax(r64, axis=1) == np.argmax(c64, axis=1)))
+    return OutputStats(
+        pair=pair,
+        output=output,
+        batch=batch,
+        shape=tuple(int(d) for d in r.shape),
+        max_abs=max_abs,
+        scale=scale,
+        max_rel=max_rel,
+        cosine=cosine,
+        top1=top1,
+        passed=passed,
+        tolerance=tolerance,
+        note="exact comparison (integer/bool output)" if exact else None,
+    )
+
+
+def compare(
+    reference: Any,
+    candidate: Any,
+    *,
+    pair: str,
+    batch: Batch,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+) -> list[OutputStats]:
+    """Compare every output of ``candidate`` with ``reference`` (flattened in the same order).
+
+    Both may be tensors, numpy arrays or nested tuples/lists/dicts of them (an onnxruntime output
+    list compares positionally with a model's nested outputs). Names come from the reference.
+    """
+    ref = flatten_outputs(reference)
+    cand = flatten_outputs(candidate)
+    out: list[OutputStats] = []
+    for i in range(max(len(ref), len(cand))):
+        if i >= len(cand):
+            name, r = ref[i]
+            rn = _to_numpy(r)
+            out.append(
+                _failed(pair, name, batch, tuple(rn.shape), _abs_max(rn.astype(np.float64)),
+                        f"missing from the candidate ({len(cand)} outputs vs reference {len(ref)})")
+            )
+        elif i >= len(ref):
+            name, c = cand[i]
+            out.append(
+                _failed(pair, name, batch, tuple(_to_numpy(c).shape), 0.0,
+                        f"extra output in the candidate ({len(cand)} outputs vs reference {len(ref)})")
+            )
+        else:
+            name, r = ref[i]
+            out.append(compare_arrays(r, cand[i][1], pair=pair, output=name, batch=batch, atol=atol, rtol=rtol))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(
+    shape: Sequence[int] | Sequence[Sequence[int]],
+    batch_sizes: Sequence[int] = (1, 3),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[int, tuple[Tensor, ...]]]:
+    """Seeded random inputs, one entry per batch size: ``[(batch, (x, ...)), ...]``.
+
+    ``shape`` is one input's shape including a batch dimension (whose value is replaced), or a
+    sequence of such shapes for a multi-input model. Float dtypes draw ``randn``; integer dtypes
+    draw from ``[0, 100)``. The same seed gives the same tensors.
+    """
+    shapes = _as_shapes(shape)
+    out: list[tuple[int, tuple[Tensor, ...]]] = []
+    for b in batch_sizes:
+        if int(b) < 1:
+            raise InputError(f"batch size {b} is not positive; use batch sizes ≥ 1")
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(b))
+        xs = []
+        for s in shapes:
+            full = (int(b), *s[1:])
+            if dtype.is_floating_point or dtype.is_complex:
+                xs.append(torch.randn(full, generator=g, dtype=dtype))
+            elif dtype == torch.bool:
+                xs.append(torch.randint(0, 2, full, generator=g).bool())
+            else:
+                xs.append(torch.randint(0, 100, full, generator=g, dtype=dtype))
+        out.append((int(b), tuple(xs)))
+    return out
+
+
+def _as_shapes(shape: Any) -> list[tuple[int, ...]]:
+    if isinstance(shape, torch.Size) or (len(shape) > 0 and all(isinstance(d, (int, np.integer)) for d in shape)):
+        shapes = [tuple(int(d) for d in shape)]
+    elif len(shape) > 0 and all(isinstance(s, (Sequence, torch.Size)) and not isinstance(s, str) for s in shape):
+        shapes = [tuple(int(d) for d in s) for s in shape]
+    else:
+        raise InputError(f"input shape {shape!r} is not a list of integers; pass e.g. 1,3,224,224")
+    for s in shapes:
+        if len(s) < 1 or any(d < 1 for d in s[1:]):
+            raise InputError(f"input shape {s} needs a batch dimension and positive sizes; pass e.g. 1,3,224,224")
+    return shapes
+
+
+def _as_tuple(x: Any) -> tuple[Any, ...]:
+    if isinstance(x, (Tensor, np.ndarray)):
+        return (x,)
+    return tuple(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime
+
+_OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC", "disable": "ORT_DISABLE_ALL"}
+_SESSION_CACHE: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_SESSION_CACHE_SIZE = 4
+_SESSION_LOCK = threading.Lock()
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def make_session(path: str | os.PathLike[str], *, threads: int | None = None, optimization: str = "all") -> Any:
+    """A fresh CPU onnxruntime InferenceSession (no cache); errors become one-line NormswapErrors."""
+    import onnxruntime as ort
+
+    if optimization not in _OPT_LEVELS:
+        raise InputError(f"unknown onnxruntime optimization {optimization!r}; use one of {', '.join(_OPT_LEVELS)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[optimization])
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise NormswapError(f"onnxruntime cannot load {path}: {_first_line(e)}; re-export it (check --opset)") from e
+
+
+def _session(path: str | os.PathLike[str], threads: int | None, optimization: str) -> Any:
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise InputError(f"ONNX file {path} cannot be read ({e.strerror}); check the path") from e
+    key = (str(p), st.st_mtime_ns, st.st_size, threads, optimization)
+    with _SESSION_LOCK:
+        sess = _SESSION_CACHE.get(key)
+        if sess is not None:
+            _SESSION_CACHE.move_to_end(key)
+            return sess
+    sess = make_session(p, threads=threads, optimization=optimization)
+    with _SESSION_LOCK:
+        _SESSION_CACHE[key] = sess
+        while len(_SESSION_CACHE) > _SESSION_CACHE_SIZE:
+            _SESSION_CACHE.popitem(last=False)
+    return sess
+
+
+def clear_session_cache() -> None:
+    """Forget every cached onnxruntime session."""
+    with _SESSION_LOCK:
+        _SESSION_CACHE.clear()
+
+
+def session_feed(sess: Any, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Map positional inputs onto the session's input names, casting floats to the declared type."""
+    metas = sess.get_inputs()
+    if len(metas) != len(inputs):
+        raise InputError(
+            f"the ONNX model takes {len(metas)} input(s) ({', '.join(m.name for m in metas)}) but {len(inputs)} were given; "
+            "match --input-shape to the model's inputs"
+        )
+    feed: dict[str, np.ndarray] = {}
+    for meta, x in zip(metas, inputs):
+        a = np.ascontiguousarray(_to_numpy(x))
+        want = _ORT_TYPES.get(meta.type)
+        if want is not None and a.dtype != want and np.issubdtype(a.dtype, np.floating) and np.issubdtype(want, np.floating):
+            a = a.astype(want)
+        feed[meta.name] = a
+    return feed
+
+
+def run_onnxruntime(
+    path: str | os.PathLike[str],
+    inputs: Sequence[Any],
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+) -> list[np.ndarray]:
+    """Run an ONNX file on CPU onnxruntime; the session is cached per (file version, settings).
+
+    ``optimization`` is onnxruntime's graph optimization level: "all", "extended", "basic" or
+    "disable". Inputs are matched to the model's inputs by position.
+    """
+    sess = _session(path, threads, optimization)
+    feed = session_feed(sess, _as_tuple(inputs))
+    try:
+        return list(sess.run(None, feed))
+    except Exception as e:
+        raise NormswapError(f"onnxruntime failed running {path}: {_first_line(e)}; check the input shapes") from e
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception message (or its type name), shortened."""
+    text = str(e).strip()
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# running torch models
+
+
+@contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Put models in eval mode (under no_grad) and restore every submodule's training flag after."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _clone_inputs(xs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(x.clone() if isinstance(x, Tensor) else x for x in xs)
+
+
+def _run_torch(model: nn.Module, xs: tuple[Any, ...]) -> Any:
+    out = model(*_clone_inputs(xs))
+    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, out)
+
+
+def check_parity(
+    original: nn.Module,
+    rewritten: nn.Module | None = None,
+    onnx_path: str | os.PathLike[str] | None = None,
+    *,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    inputs: Sequence[tuple[Batch, Any]] | None = None,
+    samples: Tensor | Sequence[Tensor] | None = None,
+    batch_sizes: Sequence[int] = (1, 3),
+    seed: int = 0,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    ort_threads: int | None = None,
+    ort_optimization: str = "all",
+) -> ParityResult:
+    """Compare ``rewritten`` and the ONNX file against ``original`` (and ONNX against ``rewritten``).
+
+    Inputs: ``inputs`` as ``[(label, (x, ...)), ...]``, else seeded random tensors of
+    ``input_shape`` at each of ``batch_sizes``; ``samples`` (a user tensor ``[N, ...]`` or a tuple
+    of them) is one more batch labelled "samples". Models run in eval mode under no_grad; their
+    training flags are restored afterwards and inputs are cloned per run, so nothing the caller
+    owns is modified. A failure of the original is an :class:`InputError`; a failure of the
+    rewritten model or of onnxruntime is recorded as a failed comparison with a note.
+    """
+    batches: list[tuple[Batch, tuple[Any, ...]]] = []
+    if inputs is not None:
+        batches.extend((label, _as_tuple(xs)) for label, xs in inputs)
+    elif input_shape is not None:
+        batches.extend(make_inputs(input_shape, batch_sizes=batch_sizes, seed=seed))
+    if samples is not None:
+        batches.append(("samples", _as_tuple(samples)))
+    if not batches:
+        raise InputError("parity needs inputs: give input_shape, inputs or samples (e.g. --input-shape 1,3,224,224)")
+
+    result = ParityResult(stats=[], atol=atol, rtol=rtol)
+    if rewritten is None and onnx_path is None:
+        result.notes.append("nothing to compare: neither a rewritten model nor an ONNX file was given")
+        return result
+    if onnx_path is not None:
+        result.notes.append(f"onnxruntime CPU, optimization={ort_optimization}, threads={ort_threads or 'default'}")
+
+    with eval_mode(original, rewritten):
+        for label, xs in batches:
+            try:
+                ref = _run_torch(original, xs)
+            except Exception as e:
+                shapes = ", ".join(str(tuple(x.shape)) for x in xs if isinstance(x, Tensor))
+                raise InputError(f"the original model fails on input {shapes}: {_first_line(e)}; check the input shape") from e
+            cand = None
+            if rewritten is not None:
+                try:
+                    cand = _run_torch(rewritten, xs)
+                    result.stats.extend(compare(ref, cand, pair=PAIR_ORIGINAL_REWRITTEN, batch=label, atol=atol, rtol=rtol))
+                except Exception as e:
+                    cand = None
+                    result.stats.append(_run_failure(PAIR_ORIGINAL_REWRITTEN, label, f"the rewritten model raised {_first_line(e)}"))
+            if onnx_path is not None:
+                try:
+                    ort_out = run_onnxruntime(onnx_path, xs, threads=ort_threads, optimization=ort_optimization)
+                except InputError:
+                    raise
+                except NormswapError as e:
+                    result.stats.append(_run_failure(PAIR_ORIGINAL_ORT, label, str(e)))
+                    continue
+                result.stats.extend(compare(ref, ort_out, pair=PAIR_ORIGINAL_ORT, batch=label, atol=atol, rtol=rtol))
+                if cand is not None:
+                    result.stats.extend(compare(cand, ort_out, pair=PAIR_REWRITTEN_ORT, batch=label, atol=atol, rtol=rtol))
+    return result
+
+
+def _run_failure(pair: str, batch: Batch, note: str) -> OutputStats:
+    return _failed(pair, "*", batch, (), math.nan, note)
+
+
+# ---------------------------------------------------------------------------------------------
+# first divergence
+
+
+class _StopRun(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+_COMPARED_OPS = ("call_module", "call_function", "call_method", "output")
+
+
+def _node_label(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_module" or node.op == "call_method":
+        return str(t)
+    if node.op == "output":
+        return "output"
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _tensor_leaves(x: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(x) if isinstance(t, Tensor)]
+
+
+def first_divergence(
+    original: fx.GraphModule | nn.Module,
+    rewritten: fx.GraphModule | nn.Module,
+    node_map: Mapping[str, str | None] | None,
+    inputs: Sequence[Any],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+) -> str | None:
+    """Name the first node of ``rewritten`` whose output differs from its original counterpart.
+
+    Both graphs run (eval, no_grad) under a ``torch.fx.Interpreter``. Rewritten nodes are
+    visited in execution order; a node is compared when ``node_map`` maps its name to an
+    original node name, or, absent from ``node_map``, when the original graph has a node with
+    the same name (map a name to ``None`` to skip it — a conv whose BN was folded into it has
+    the same name but must be compared with the BN's output). Tolerance is the module's pass
+    rule applied per node. Returns e.g.
+    ``"layer1.0.conv2 (call_module layer1_0_conv2): max rel err 3.2e-02"`` or None.
+    Plain modules are symbolically traced first.
+    """
+    gm_o = original if isinstance(original, fx.GraphModule) else fx.symbolic_trace(original)
+    gm_r = rewritten if isinstance(rewritten, fx.GraphModule) else fx.symbolic_trace(rewritten)
+    node_map = dict(node_map or {})
+    orig_names = {n.name for n in gm_o.graph.nodes}
+
+    def mapped(name: str) -> str | None:
+        if name in node_map:
+            target = node_map[name]
+            return target if target in orig_names else None
+        return name if name in orig_names else None
+
+    wanted = {m for n in gm_r.graph.nodes if n.op in _COMPARED_OPS and (m := mapped(n.name)) is not None}
+    xs = _as_tuple(inputs)
+
+    recorded: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.name in wanted:  # clone: a later in-place op (ReLU(inplace=True)) would overwrite it
+                recorded[n.name] = pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, out)
+            return out
+
+    class Comparer(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.op in _COMPARED_OPS:
+                oname = mapped(n.name)
+                if oname is not None and oname in recorded:
+                    msg = _node_mismatch(n, oname, recorded[oname], out, atol, rtol)
+                    if msg is not None:
+                        raise _StopRun(msg)
+            return out
+
+    with eval_mode(gm_o, gm_r):
+        Recorder(gm_o).run(*_clone_inputs(xs))
+        try:
+            Comparer(gm_r).run(*_clone_inputs(xs))
+        except _StopRun as stop:
+            return stop.message
+    return None
+
+
+def _node_mismatch(n: fx.Node, oname: str, ref: Any, out: Any, atol: float, rtol: float) -> str | None:
+    where = f"{_node_label(n)} ({n.op} {n.name}" + ("" if oname == n.name else f" ↔ original {oname}") + ")"
+    rl, cl = _tensor_leaves(ref), _tensor_leaves(out)
+    if not rl and not cl:
+        return None
+    if len(rl) != len(cl):
+        return f"{where}: {len(cl)} tensor outputs vs {len(rl)} in the original"
+    for r, c in zip(rl, cl):
+        s = compare_arrays(r, c, pair="node", output=n.name, batch="-", atol=atol, rtol=rtol)
+        if not s.passed:
+            if s.note and s.note.startswith("shape"):
+                return f"{where}: {s.note}"
+            return f"{where}: max rel err {s.max_rel:.1e} (max abs {s.max_abs:.1e})"
+    return None
+
