@@ -18,7 +18,7 @@ from normswap.errors import InputError, NormswapError
 # Piped output (CI logs, files) gets a readable width instead of rich's 80-column fallback.
 _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
 console = Console(width=_WIDTH)
-err_console = Console(stderr=True, width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH, soft_wrap=True)  # an error stays one line
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY = 0, 1, 2, 3
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)

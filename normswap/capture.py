@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["TracedPart", "Capture", "NormTracer", "capture", "is_norm_module", "trace", "first_line"]
+__all__ = ["TracedPart", "Capture", "NormTracer", "capture", "propagate_shapes", "is_norm_module", "trace", "first_line"]
 
 # BatchNorm look-alikes that are not ``_BatchNorm`` subclasses; matched by class name so that
 # neither torchvision nor timm has to be imported.
@@ -89,17 +89,12 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def capture(
-    model: nn.Module,
-    example_inputs: tuple[Any, ...] | None = None,
-    *,
-    leaf: Callable[[nn.Module], bool] | None = None,
-) -> Capture:
+def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> Capture:
     """Trace ``model`` (or, failing that, its traceable subtrees) and propagate shapes.
 
     ``model`` is used as is — the caller passes a copy if it will rewrite.  With
-    ``example_inputs``, one forward pass records each part's inputs and every node gets
-    ``meta["tensor_meta"]`` (shape, dtype) from ``ShapeProp``.
+    ``example_inputs``, :func:`propagate_shapes` runs too (a pass that needs shapes only
+    sometimes can call it later itself).
     """
     cap = Capture(root=model)
 
@@ -121,12 +116,17 @@ def capture(
         cap.parts.append(TracedPart(qual, gm))
 
     visit(model, "", None)
-    if example_inputs is not None and cap.parts:
-        _propagate_shapes(cap, example_inputs)
+    if example_inputs is not None:
+        propagate_shapes(cap, example_inputs)
     return cap
 
 
-def _propagate_shapes(cap: Capture, example_inputs: tuple[Any, ...]) -> None:
+def propagate_shapes(cap: Capture, example_inputs: tuple[Any, ...]) -> None:
+    """One eval forward pass that records each part's inputs and gives every node
+    ``meta["tensor_meta"]`` (shape, dtype) via ``ShapeProp``.  A part whose inputs cannot be
+    bound to its placeholders keeps ``shapes_known = False``."""
+    if not cap.parts or all(p.shapes_known for p in cap.parts):
+        return
     was_training = cap.root.training
     cap.root.eval()
     try:
@@ -139,8 +139,11 @@ def _propagate_shapes(cap: Capture, example_inputs: tuple[Any, ...]) -> None:
             if part.example_inputs is None:
                 continue
             part.graph.eval()
-            with torch.no_grad():
-                ShapeProp(part.graph).propagate(*part.example_inputs)
+            try:
+                with torch.no_grad():
+                    ShapeProp(part.graph).propagate(*part.example_inputs)
+            except Exception:  # e.g. *args/**kwargs forwards: shapes stay unknown, passes stay safe
+                continue
             part.shapes_known = True
     finally:
         cap.root.train(was_training)

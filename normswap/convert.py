@@ -146,14 +146,33 @@ def rewrite(
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_inputs(example_inputs)
     options = {"groups": groups} if to != "fold" and groups is not None else {}
+    reference, ref_out = None, None
+    if inputs is not None:
+        # one run of (a copy of) the original: bad example inputs are the user's to fix, and its
+        # output is what an exact rewrite must reproduce
+        reference = copy.deepcopy(model).eval()
+        ref_out = _run_reference(reference, inputs)
     result = _run_pass(model, to, inputs, options, skip)
     conv = Conversion(
         model=result.model, to=to, result=result, options=options, input_shapes=_shapes(inputs),
         source=dict(source) if source else None,
     )
     if verify and inputs is not None and conv.exact:
-        conv.verification = verify_rewrite(model, conv, inputs, atol=atol, rtol=rtol)
+        conv.verification = verify_rewrite(reference, ref_out, conv, inputs, atol=atol, rtol=rtol)
     return conv
+
+
+def _run_reference(reference: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    try:
+        with torch.no_grad():
+            return reference(*inputs)
+    except Exception as e:
+        shapes = ", ".join(str(list(x.shape)) for x in inputs if isinstance(x, Tensor))
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(
+            f"the model fails on an example input of shape {shapes} ({type(e).__name__}: {first}); "
+            "pass the shape it expects, e.g. --input-shape 1,3,224,224"
+        ) from None
 
 
 def convert(
@@ -167,13 +186,12 @@ def convert(
 
 
 def verify_rewrite(
-    original: nn.Module, conv: Conversion, inputs: tuple[Any, ...], *, atol: float, rtol: float
+    reference: nn.Module, ref: Any, conv: Conversion, inputs: tuple[Any, ...], *, atol: float, rtol: float
 ) -> ParityResult:
-    """Run original and rewritten on ``inputs``; raise :class:`ParityError` (with the first
-    diverging node) if an exact rewrite does not reproduce the original."""
-    reference = copy.deepcopy(original).eval()  # eval on a copy: the caller's BN stats stay put
+    """Compare the rewritten model's output on ``inputs`` with ``ref`` (the eval-mode reference's);
+    raise :class:`ParityError` naming the first diverging node if an exact rewrite does not
+    reproduce it."""
     with torch.no_grad():
-        ref = reference(*inputs)
         out = conv.model(*inputs)
     batch = int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], Tensor) and inputs[0].dim() else "example"
     res = ParityResult(stats=compare(ref, out, pair="original↔rewritten", batch=batch, atol=atol, rtol=rtol), atol=atol, rtol=rtol)

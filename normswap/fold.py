@@ -131,7 +131,7 @@ from typing import Any, Iterable  # noqa: E402
 
 from torch import fx, nn  # noqa: E402
 
-from .capture import capture  # noqa: E402
+from .capture import Capture, capture, is_norm_module, propagate_shapes  # noqa: E402
 from .layers import ChannelAffine, PostNorm, is_identity  # noqa: E402
 from .passes import PassResult, SiteAction, assemble, set_module, unique_target  # noqa: E402
 from .sites import BNParams, NormSite, bn_params, bn_post_ops, can_fold, find_sites  # noqa: E402
@@ -189,6 +189,19 @@ def _affine(bn: nn.Module, p: BNParams) -> ChannelAffine:
     )
 
 
+def _needs_shapes(cap: Capture) -> bool:
+    """Shapes matter only where a BN touches a Linear (is its output ``[N, C]``?); skipping the
+    shape-propagation forward pass elsewhere keeps the pass cheap on big inputs."""
+    for part in cap.parts:
+        gm = part.graph
+        for n in gm.graph.nodes:
+            if n.op == "call_module" and is_norm_module(gm.get_submodule(n.target)):
+                near = [a for a in n.args if isinstance(a, fx.Node)] + list(n.users)
+                if any(m.op == "call_module" and isinstance(gm.get_submodule(m.target), nn.Linear) for m in near):
+                    return True
+    return False
+
+
 def fold(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | None = None,
@@ -201,7 +214,9 @@ def fold(
     ``skip`` names sites to leave alone (used to re-apply a saved conversion faithfully).
     """
     work = copy.deepcopy(model).eval()
-    cap = capture(work, example_inputs)
+    cap = capture(work)
+    if example_inputs is not None and _needs_shapes(cap):
+        propagate_shapes(cap, example_inputs)
     sites = find_sites(cap)
     skip = set(skip)
     result = PassResult(model=work, pass_name="fold")

@@ -1,0 +1,88 @@
+"""Real model families: fold → ONNX → parity, with randomized BatchNorm statistics.
+
+CI runs one member of every torchvision classification family that has BatchNorm (plus timm's
+BatchNormAct2d families).  The whole zoo:
+
+    NORMSWAP_ZOO=all python -m pytest tests/zoo -q
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import normswap
+from normswap.export import onnx_op_counts
+from tests.helpers import count_bn, randomize_bn
+
+tv = pytest.importorskip("torchvision")
+
+# one member per torchvision family with BatchNorm (resnet covers resnext/wide_resnet,
+# efficientnet covers v2; the rest run with NORMSWAP_ZOO=all)
+FAMILY = [
+    "resnet18", "densenet121", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+    "regnet_y_400mf", "mnasnet0_5", "shufflenet_v2_x0_5", "googlenet", "inception_v3", "vgg11_bn",
+    "maxvit_t",
+]
+# families without BatchNorm: nothing to fold
+NO_BN = ("alexnet", "convnext", "squeezenet", "swin", "vit", "vgg11", "vgg13", "vgg16", "vgg19")
+
+
+def _all_bn_models() -> list[str]:
+    names = tv.models.list_models(module=tv.models)
+    return sorted(n for n in names if not any(n == p or n.startswith(p + "_") for p in NO_BN)
+                  and not n.startswith(("convnext", "swin", "vit")))
+
+
+def _size(name: str) -> int:
+    if name.startswith("inception"):
+        return 96
+    if name.startswith("maxvit"):
+        return 224
+    return 64
+
+
+MODELS = _all_bn_models() if os.environ.get("NORMSWAP_ZOO") == "all" else list(FAMILY)
+
+
+def _build(name: str) -> torch.nn.Module:
+    kw = {"num_classes": 10}
+    if name in ("googlenet", "inception_v3"):
+        kw.update(aux_logits=False, init_weights=False)
+    return randomize_bn(tv.models.get_model(name, weights=None, **kw)).eval()
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_model_folds_exports_and_passes_parity(name, tmp_path):
+    torch.manual_seed(0)
+    model = _build(name)
+    assert count_bn(model) > 0
+    shape = (1, 3, _size(name), _size(name))
+    x = torch.randn(*shape)
+    conv = normswap.rewrite(model, "fold", (x,))
+    assert count_bn(conv.model) == 0, [a for a in conv.actions if a.action == "refuse"]
+    # check_parity below runs every pair at batch 1 and 3: the exporter's own check would repeat it
+    exp = normswap.export_onnx(conv.model, (x,), tmp_path / f"{name}.onnx", verify=False)
+    assert onnx_op_counts(exp.path).get("BatchNormalization", 0) == 0
+    res = normswap.check_parity(model, conv.model, exp.path, input_shape=shape)
+    assert res, res.summary()
+    assert {s.batch for s in res.stats} == {1, 3}
+
+
+TIMM = ["efficientnet_b0", "mobilenetv3_small_100", "resnet18d", "regnetx_002"]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", TIMM)
+def test_timm_model_folds_and_keeps_activations(name, tmp_path):
+    timm = pytest.importorskip("timm")
+    model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    conv = normswap.rewrite(model, "fold", (x,))
+    assert count_bn(conv.model) == 0
+    exp = normswap.export_onnx(conv.model, (x,), tmp_path / f"{name}.onnx", verify=False)
+    res = normswap.check_parity(model, conv.model, exp.path, input_shape=x.shape)
+    assert res, res.summary()
