@@ -101,7 +101,7 @@ def test_inspect_json():
     [
         (["convert", "no_such_pkg.nowhere:fn"], ["no_such_pkg"]),
         (["convert", "torch.nn:NoSuchThing"], ["NoSuchThing"]),
-        (["convert", "--weights", "/nonexistent/w.safetensors"], ["not found"]),
+        (["convert", "--weights", "/nonexistent/w.safetensors"], ["does not exist"]),
         (["convert", "--input-shape", "1,x,8"], ["--input-shape"]),
         (["convert", "--to", "nosuchnorm"], ["nosuchnorm"]),
     ],
