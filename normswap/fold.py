@@ -70,16 +70,16 @@ def fold_conv_bn_weights(
     ``W[group·(C_in/g) : …, j]`` — so with ``groups > 1`` the scale must be laid out per group
     (``torch.nn.utils.fusion`` assumes ``groups == 1`` here).
     """
-    w = weight.detach().to(torch.float64)
+    w = weight.detach().to(torch.float64, copy=True)  # a fresh tensor even for float64 models: scaled in place below
     k = w.dim() - 2
     if transpose:
         c_in, c_out_g = w.shape[0], w.shape[1]
         s = scale.reshape(groups, 1, c_out_g, *([1] * k))
-        w = (w.reshape(groups, c_in // groups, c_out_g, *w.shape[2:]) * s).reshape(weight.shape)
+        w.view(groups, c_in // groups, c_out_g, *w.shape[2:]).mul_(s)
         c_out = c_out_g * groups
     else:
         c_out = w.shape[0]
-        w = w * scale.reshape(c_out, *([1] * (k + 1)))
+        w.mul_(scale.reshape(c_out, *([1] * (k + 1))))
     b = _bias64(bias, c_out, w) * scale + shift
     return w.to(weight.dtype), b.to(weight.dtype)
 

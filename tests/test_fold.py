@@ -317,3 +317,8 @@ def test_torchvision_resnet_folds_every_bn():
     assert {a.action for a in res.actions} == {"into-producer"}
     assert len(res.actions) == 20
     assert math.isfinite(float(res.model(torch.randn(1, 3, 32, 32)).sum()))
+
+
+def test_float64_model_is_not_mutated_and_folds_exactly():
+    model = randomize_bn(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6))).double()
+    _check(model, torch.randn(2, 4, 5, 5, dtype=torch.float64), tol=1e-12)
