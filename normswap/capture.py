@@ -33,7 +33,7 @@ def is_norm_module(m: nn.Module) -> bool:
     if type(m).__name__ in _FROZEN_BN_NAMES:
         return True
     mod = type(m).__module__
-    return mod.startswith("normswap.") and mod != "normswap.capture"
+    return mod.startswith(("normswap.norms.", "normswap.layers"))
 
 
 def contains_norm(m: nn.Module) -> bool:
@@ -114,6 +114,16 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> 
                 cap.untraced.append((qual, reason))
             return
         cap.parts.append(TracedPart(qual, gm))
+        # a leaf the tracer does not enter (e.g. a torch.nn container-like module) may still hold
+        # norm layers: they get no graph, so list them as untraced rather than miss them
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                leaf = gm.get_submodule(n.target)
+                if not is_norm_module(leaf):
+                    for sub, m in leaf.named_modules():
+                        if sub and is_norm_module(m):
+                            cap.untraced.append((_join(_join(qual, str(n.target)), sub),
+                                                 f"inside {type(leaf).__name__}, which torch.fx keeps as a leaf"))
 
     visit(model, "", None)
     if example_inputs is not None:

@@ -322,3 +322,34 @@ def test_torchvision_resnet_folds_every_bn():
 def test_float64_model_is_not_mutated_and_folds_exactly():
     model = randomize_bn(nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6))).double()
     _check(model, torch.randn(2, 4, 5, 5, dtype=torch.float64), tol=1e-12)
+
+
+class BNHolder(nn.TransformerEncoderLayer):
+    """A torch.nn subclass: torch.fx keeps it as a leaf, so its BN gets no graph node."""
+
+    def __init__(self):
+        super().__init__(d_model=4, nhead=1, dim_feedforward=8, dropout=0.0, batch_first=True)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, src, *a, **k):
+        return self.bn(super().forward(src))
+
+
+BNHolder.__module__ = "torch.nn.modules.holder"  # what makes fx's default tracer keep it whole
+
+
+def test_bn_inside_a_leaf_module_is_found_and_folded_exactly():
+    model = randomize_bn(nn.Sequential(BNHolder(), nn.Flatten()))
+    res = _check(model, torch.randn(2, 3, 4))
+    (a,) = res.actions
+    assert a.site == "0.bn" and a.action == "affine" and "leaf" in a.reason
+    assert count_bn(res.model) == 0
+
+
+def test_bundled_digits_model_every_bn_is_a_site():
+    from normswap.models.digits import digits_resnet
+
+    model = digits_resnet()
+    res = _check(model, torch.randn(3, 1, 8, 8))
+    assert len(res.actions) == count_bn(model) == 9
+    assert all(a.action == "into-producer" for a in res.actions)
