@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import math
@@ -76,7 +77,7 @@ DEFAULT_OPSET = 20
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
 TORCHSCRIPT_MIN_OPSET = 7
 DYNAMO_MIN_OPSET = 18  # torchlib's base opset; lower requests go through a version converter
-ORT_MAX_OPSET = 26  # highest ai.onnx opset onnxruntime 1.31 loads (27 is refused)
+ORT_MAX_OPSET_FALLBACK = 26  # what onnxruntime 1.31 loads (27 is refused); see ort_max_opset()
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)  # bytes of parameters + buffers
 VERIFY_ATOL = 1e-4  # loose: catches a wrong graph (baked batch size, dropped branch), not rounding
 VERIFY_RTOL = 1e-2
@@ -189,7 +190,9 @@ def _replace_children(module: nn.Module, memo: dict[int, nn.Module], visited: se
     if id(module) in visited:
         return
     visited.add(id(module))
-    for name, child in list(module.named_children()):
+    for name, child in list(module._modules.items()):  # not named_children(): it skips repeats of a shared module
+        if child is None:
+            continue
         new = _export_form(child, memo)
         if new is not child:
             setattr(module, name, new)
@@ -234,12 +237,49 @@ def onnx_op_counts(model_or_path: Any) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+@functools.lru_cache(maxsize=1)
+def ort_max_opset() -> int:
+    """The highest ai.onnx opset the installed onnxruntime loads (probed once with a one-node model)."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        vi = helper.make_tensor_value_info
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                  [vi("x", TensorProto.FLOAT, [1])], [vi("y", TensorProto.FLOAT, [1])])
+        for opset in range(onnx.defs.onnx_opset_version(), TORCHSCRIPT_MAX_OPSET, -1):
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+            try:
+                ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                return opset
+            except Exception:
+                continue
+        return TORCHSCRIPT_MAX_OPSET
+    except Exception:  # pragma: no cover - a broken onnx/onnxruntime install fails later, loudly
+        return ORT_MAX_OPSET_FALLBACK
+
+
+def _accepts(exporter: str, opset: int) -> bool:
+    if exporter == "dynamo" and DYNAMO_MIN_OPSET <= opset <= TORCHSCRIPT_MAX_OPSET:
+        return True  # no need to probe onnxruntime for the common case
+    return opset in supported_opsets(exporter)
+
+
 def supported_opsets(exporter: str) -> range:
-    """The opsets :func:`export_onnx` accepts for an exporter ("torchscript" or "dynamo")."""
+    """The opsets :func:`export_onnx` accepts for an exporter ("torchscript" or "dynamo").
+
+    TorchScript: 7–20 (torch accepts 21–23 with an "unsupported" warning and keeps its opset-20
+    lowering, so they are refused here). Dynamo: 18 (torchlib's base opset; lower requests go
+    through a version converter) up to what the installed onnxruntime loads (26 for 1.31; the
+    exporter itself writes 27 happily).
+    """
     if exporter == "torchscript":
         return range(TORCHSCRIPT_MIN_OPSET, TORCHSCRIPT_MAX_OPSET + 1)
     if exporter == "dynamo":
-        return range(DYNAMO_MIN_OPSET, ORT_MAX_OPSET + 1)
+        return range(DYNAMO_MIN_OPSET, ort_max_opset() + 1)
     raise InputError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
 
 
@@ -371,7 +411,7 @@ def _export_torchscript(
             p.unlink()
         if external:
             onnx.save_model(proto, str(file), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=file.name + ".data", size_threshold=1024)
+                            location=file.name + ".data", size_threshold=0)
         else:
             onnx.save_model(proto, str(file))
 
@@ -400,7 +440,7 @@ def _export_dynamo(
         for p in file.parent.iterdir():
             p.unlink()
         onnx.save_model(proto, str(file), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=file.name + ".data", size_threshold=1024)
+                        location=file.name + ".data", size_threshold=0)
 
 
 def _check_and_verify(
@@ -414,7 +454,14 @@ def _check_and_verify(
     except Exception as e:
         raise NormswapError(f"the exported model fails onnx.checker: {_root_cause(e)}") from e
     ir_version = onnx.load(str(file), load_external_data=False).ir_version
-    sess = make_session(file)  # raises when the runtime refuses the IR version / opset / an op
+    try:
+        sess = make_session(file)  # fails when the runtime refuses the IR version, the opset or an op
+    except NormswapError as e:
+        import onnxruntime
+
+        cause = _root_cause(e.__cause__) if e.__cause__ is not None else str(e)
+        raise NormswapError(f"onnxruntime {onnxruntime.__version__} cannot load the exported model "
+                            f"(IR {ir_version}): {cause}") from e
     if len(sess.get_outputs()) != n_outputs:
         raise NormswapError(f"the exported model has {len(sess.get_outputs())} outputs but torch returns {n_outputs}")
     if not verify:
@@ -476,11 +523,12 @@ def export_onnx(
         order = ["torchscript", "dynamo"] if opset <= TORCHSCRIPT_MAX_OPSET else ["dynamo"]
     else:
         order = [exporter]
-    if not any(opset in supported_opsets(e) for e in order):
-        lo, hi = min(supported_opsets(order[0])), max(supported_opsets(order[-1]))
+    order = [e for e in order if _accepts(e, opset)]
+    if not order:
+        lo = TORCHSCRIPT_MIN_OPSET if exporter != "dynamo" else DYNAMO_MIN_OPSET
+        hi = TORCHSCRIPT_MAX_OPSET if exporter == "torchscript" else ort_max_opset()
         hint = "; use --exporter dynamo for opset 21+" if exporter == "torchscript" and opset > TORCHSCRIPT_MAX_OPSET else ""
         raise InputError(f"opset {opset} is not supported by the {exporter} exporter (use {lo}–{hi}){hint}")
-    order = [e for e in order if opset in supported_opsets(e)]
 
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)

@@ -134,7 +134,7 @@ from torch import fx, nn  # noqa: E402
 from .capture import Capture, capture, is_norm_module, propagate_shapes  # noqa: E402
 from .layers import ChannelAffine, PostNorm, is_identity  # noqa: E402
 from .passes import PassResult, SiteAction, assemble, set_module, unique_target  # noqa: E402
-from .sites import BNParams, NormSite, bn_params, bn_post_ops, can_fold, find_sites  # noqa: E402
+from .sites import BNParams, bn_params, bn_post_ops, can_fold, find_sites, is_bn_site_module  # noqa: E402
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -271,6 +271,11 @@ def fold(
             gm.graph.erase_node(n)
             nmap[out.name] = n.name
     result.model = assemble(cap).eval()
+    # safety net: a BN the site search did not reach is reported, never silently left behind
+    seen = {a.site for a in result.actions}
+    for name, m in result.model.named_modules():
+        if is_bn_site_module(m) and name not in seen:
+            result.actions.append(SiteAction(name, type(m).__name__, "refuse", reason="not reached by the site search (please report)"))
     result.graphs = {p.qualname: p.graph for p in cap.parts}
     result.node_maps = maps
     return result

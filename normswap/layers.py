@@ -61,4 +61,23 @@ def is_identity(m: nn.Module | None) -> bool:
     return m is None or type(m) is nn.Identity
 
 
-__all__ = ["ChannelAffine", "PostNorm", "is_identity"]
+__all__ = ["ChannelAffine", "PostNorm", "NormAct", "is_identity"]
+
+
+class NormAct(nn.Module):
+    """A swapped-in norm followed by the dropout and activation of the BatchNorm subclass it
+    replaced (timm's ``BatchNormAct2d``): an isinstance-based swap would silently drop those."""
+
+    def __init__(self, norm: nn.Module, drop: nn.Module | None, act: nn.Module | None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(x)
+        if self.drop is not None:
+            x = self.drop(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x

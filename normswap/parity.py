@@ -228,7 +228,7 @@ class ParityResult:
                 _fmt(s.max_abs),
                 _fmt(s.scale),
                 _fmt(s.max_rel),
-                "-" if math.isnan(s.cosine) else f"{s.cosine:.6f}",
+                "-" if math.isnan(s.cosine) else f"{s.cosine:.7f}",
                 "-" if s.top1 is None else f"{s.top1:.1%}",
                 verdict,
             )
