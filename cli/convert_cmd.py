@@ -96,7 +96,16 @@ def convert(
         normswap.save_conversion(conv, save)
     model_info = {"spec": loaded.spec or "normswap.models.digits:digits_resnet (bundled)", "args": loaded.args,
                   "weights": loaded.weights, "input_shape": list(shape), "input_shape_from": shape_src, "notes": loaded.notes}
-    rep = build_report(conv, model=model_info, export=exported, parity=parity, timings=times)
+    extra_rep = {}
+    if to != "fold":  # the point of most swaps: show it, measured, next to the original's behaviour
+        from normswap.checks import batch_independence
+
+        extra_rep["drift_vs_original"] = _drift(loaded.model, conv.model, shape, extra)
+        extra_rep["batch_independence"] = {
+            "original": batch_independence(loaded.model, shape).to_dict(),
+            "rewritten": batch_independence(conv.model, shape).to_dict(),
+        }
+    rep = build_report(conv, model=model_info, export=exported, parity=parity, timings=times, extra=extra_rep)
     if report is not None:
         import json
 
@@ -106,10 +115,33 @@ def convert(
         print_json(rep)
     else:
         _print_summary(conv, exported, parity, onnx, save, report, times)
+        if "batch_independence" in extra_rep:
+            bi = extra_rep["batch_independence"]
+            console.print(
+                "batch independence (training mode, sample alone vs in a batch of 8): original "
+                f"{'yes' if bi['original']['independent'] else 'no'} (diff {bi['original']['max_rel_diff']:.1e}), "
+                f"rewritten {'yes' if bi['rewritten']['independent'] else 'no'} (diff {bi['rewritten']['max_rel_diff']:.1e})"
+            )
+        if "drift_vs_original" in extra_rep:
+            d = extra_rep["drift_vs_original"]
+            console.print(f"drift vs the original (eval, batches 1 and 3{' + samples' if extra is not None else ''}): "
+                          f"max rel err {d['max_rel']:.2e}" + (f", top-1 agreement {d['top1']:.1%}" if d["top1"] is not None else ""))
+        info = conv.target_info()
+        if to != "fold":
+            console.print(f"target '{to}': {info['summary']}; "
+                          + ("exact: reproduces the original eval function" if info["exact"] else
+                             "changes the function: calibrate (--calib) or fine-tune to recover accuracy"))
     if not parity:
         if onnx is not None and not keep_failed:
             err_console.print(f"parity failed: {onnx} was not written (pass --keep-failed to write it anyway)")
         raise typer.Exit(EXIT_PARITY)
+
+
+def _drift(original, rewritten, shape, samples) -> dict:
+    """How far a function-changing swap moved the outputs (informational, not a pass/fail)."""
+    res = normswap.check_parity(original, rewritten, None, input_shape=shape, samples=samples)
+    top1 = [s.top1 for s in res.stats if s.top1 is not None]
+    return {"max_rel": max(s.max_rel for s in res.stats), "top1": min(top1) if top1 else None}
 
 
 def _parity(original, conv, onnx_path, shape, samples, atol, rtol, times):

@@ -80,10 +80,21 @@ class Conversion:
             out[a.action] = out.get(a.action, 0) + 1
         return out
 
+    def target_info(self) -> dict[str, Any]:
+        """What the target promises: exactness and batch independence."""
+        if self.to == "fold":
+            return {"name": "fold", "exact": True, "batch_independent": None,
+                    "summary": "eval BatchNorm folded into neighbouring layers (an inference model)"}
+        from .norms import registry
+
+        t = registry.TARGETS[self.to]
+        return {"name": t.name, "exact": t.exact, "batch_independent": t.batch_independent, "summary": t.summary}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "normswap": __version__,
             "to": self.to,
+            "target": self.target_info(),
             "options": self.options,
             "input_shapes": self.input_shapes,
             "source": self.source,
