@@ -79,7 +79,8 @@ def convert(
     if onnx is not None:
         with staging_dir(onnx) as tmp:
             t = time.perf_counter()
-            exported = normswap.export_onnx(conv.model, (x,), tmp / onnx.name, exporter=exporter, opset=opset)
+            # parity right below runs every pair at batch 1 and 3: no need for the exporter's own check
+            exported = normswap.export_onnx(conv.model, (x,), tmp / onnx.name, exporter=exporter, opset=opset, verify=False)
             times["export"] = time.perf_counter() - t
             parity = _parity(loaded.model, conv, tmp / onnx.name, shape, extra, atol, rtol, times)
             if parity or keep_failed:
