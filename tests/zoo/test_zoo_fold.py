@@ -8,7 +8,9 @@ BatchNormAct2d families).  The whole zoo:
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import pytest
 import torch
@@ -62,14 +64,28 @@ def test_torchvision_model_folds_exports_and_passes_parity(name, tmp_path):
     assert count_bn(model) > 0
     shape = (1, 3, _size(name), _size(name))
     x = torch.randn(*shape)
+    t0 = time.perf_counter()
     conv = normswap.rewrite(model, "fold", (x,))
     assert count_bn(conv.model) == 0, [a for a in conv.actions if a.action == "refuse"]
     # check_parity below runs every pair at batch 1 and 3: the exporter's own check would repeat it
     exp = normswap.export_onnx(conv.model, (x,), tmp_path / f"{name}.onnx", verify=False)
     assert onnx_op_counts(exp.path).get("BatchNormalization", 0) == 0
     res = normswap.check_parity(model, conv.model, exp.path, input_shape=shape)
+    _record(name, shape, conv, exp, res, time.perf_counter() - t0)
     assert res, res.summary()
     assert {s.batch for s in res.stats} == {1, 3}
+
+
+def _record(name, shape, conv, exp, res, seconds) -> None:
+    """NORMSWAP_ZOO_REPORT=file.jsonl: one line per model, for the zoo table."""
+    path = os.environ.get("NORMSWAP_ZOO_REPORT")
+    if not path:
+        return
+    row = {"model": name, "input": list(shape), "sites": len(conv.actions), "actions": conv.summary(),
+           "onnx_nodes": sum(exp.op_counts.values()), "bn_nodes": exp.op_counts.get("BatchNormalization", 0),
+           "worst_rel_err": max(s.max_rel for s in res.stats), "passed": bool(res), "seconds": round(seconds, 2)}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 TIMM = ["efficientnet_b0", "mobilenetv3_small_100", "resnet18d", "regnetx_002"]
