@@ -189,6 +189,35 @@ def _affine(bn: nn.Module, p: BNParams) -> ChannelAffine:
     )
 
 
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def _copy_sharing_weights(model: nn.Module) -> tuple[nn.Module, set[int]]:
+    """Deep-copy ``model`` except the weights of the layers a fold may replace, which stay shared.
+
+    Folding builds *new* weight tensors for those layers, so copying their old weights first
+    (as ``copy.deepcopy`` + torch.fx's ``fuse`` do) is wasted memory traffic; :func:`_unshare`
+    copies whatever is still shared at the end, so the result never aliases the caller's model.
+    """
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        if isinstance(m, _WEIGHTED):
+            for p in m._parameters.values():
+                if p is not None:
+                    memo[id(p)] = p
+    shared = set(memo)
+    return copy.deepcopy(model, memo), shared
+
+
+def _unshare(model: nn.Module, shared: set[int]) -> nn.Module:
+    """Replace every parameter still shared with the caller's model by a copy."""
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and id(p) in shared:
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    return model
+
+
 def _needs_shapes(cap: Capture) -> bool:
     """Shapes matter only where a BN touches a Linear (is its output ``[N, C]``?); skipping the
     shape-propagation forward pass elsewhere keeps the pass cheap on big inputs."""
@@ -213,7 +242,8 @@ def fold(
     Returns the rewritten (eval-mode, inference) model and one :class:`SiteAction` per site.
     ``skip`` names sites to leave alone (used to re-apply a saved conversion faithfully).
     """
-    work = copy.deepcopy(model).eval()
+    work, shared = _copy_sharing_weights(model)
+    work.eval()
     cap = capture(work)
     if example_inputs is not None and _needs_shapes(cap):
         propagate_shapes(cap, example_inputs)
@@ -270,7 +300,7 @@ def fold(
             n.replace_all_uses_with(out)
             gm.graph.erase_node(n)
             nmap[out.name] = n.name
-    result.model = assemble(cap).eval()
+    result.model = _unshare(assemble(cap).eval(), shared)
     # safety net: a BN the site search did not reach is reported, never silently left behind
     seen = {a.site for a in result.actions}
     for name, m in result.model.named_modules():

@@ -353,3 +353,20 @@ def test_bundled_digits_model_every_bn_is_a_site():
     res = _check(model, torch.randn(3, 1, 8, 8))
     assert len(res.actions) == count_bn(model) == 9
     assert all(a.action == "into-producer" for a in res.actions)
+
+
+def test_result_shares_no_tensor_with_the_callers_model():
+    """Unfolded layers (here the head Linear and a conv whose BN was refused) are copies too."""
+    bn = nn.BatchNorm2d(4)
+    bn.running_var[0] = float("nan")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), randomize_bn(nn.BatchNorm2d(4)), nn.Conv2d(4, 4, 1), bn,
+                          nn.Flatten(), nn.Linear(4 * 9, 2)).eval()
+    res = fold(model, (torch.randn(1, 3, 5, 5),))
+    mine = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    theirs = [t.data_ptr() for t in list(res.model.parameters()) + list(res.model.buffers())]
+    assert not mine & set(theirs)
+    with torch.no_grad():
+        for p in res.model.parameters():
+            p.add_(1.0)
+    assert not torch.isnan(model[0].weight).any()
+    assert [a.action for a in res.actions] == ["into-producer", "refuse"]

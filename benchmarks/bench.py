@@ -1,0 +1,881 @@
+#!/usr/bin/env python
+"""normswap benchmark: fold time, ONNX graph size and onnxruntime latency, as ratios against the
+tools a user would otherwise reach for, all measured in the same run.
+
+    python benchmarks/bench.py                       # default: 4 torchvision models, --targets fold
+    python benchmarks/bench.py --quick               # smoke run: resnet18, few repeats (< 2 min)
+    python benchmarks/bench.py --targets fold,gn-ws,ln,sn --json out.json
+    python benchmarks/bench.py --targets all         # every target in normswap.targets()
+
+What is compared (every ratio is normswap / baseline, so < 1 means normswap is faster/smaller):
+
+1. Fold time: ``normswap.fold.fold(model, (x,))`` vs ``torch.fx.experimental.optimization.fuse(model)``.
+   Both deep-copy the model first. One warm-up call each, then ``--repeats`` calls each,
+   interleaved (alternating order), garbage collector off while timing; the median is reported,
+   and the ratio of the minima too (the best estimate of the intrinsic cost on a loaded machine).
+   The end-to-end ``normswap convert`` cost is measured two ways: the equivalent API calls
+   (``rewrite(verify=True)`` + ``export_onnx`` + ``check_parity`` at batch 1 and 3, which is what
+   the CLI runs) and, unless ``--no-cli``, a subprocess ``normswap convert
+   torchvision.models:NAME --onnx ... --report ...`` (wall time including Python start-up and
+   imports, plus the stage times from its report).
+2. ONNX node counts: normswap's folded export vs ``torch.onnx.export`` of the *unfolded* eval
+   model with the TorchScript exporter (same opset, dynamic batch, constant folding — exactly the
+   settings normswap uses) and with the dynamo exporter (``dynamo=True, optimize=True``). Both
+   exporters fold eval Conv+BN themselves; the BatchNormalization column shows where they do not.
+   Also the node counts of onnxruntime's own ORT_ENABLE_ALL-optimized graphs
+   (``SessionOptions.optimized_model_filepath``).
+3. onnxruntime latency (CPU EP, ORT_ENABLE_ALL, ``--threads`` intra-op threads, 1 inter-op
+   thread, thread spinning off so idle sessions do not steal the cores from the measured one):
+   all variants of a model are measured in one interleaved loop (round-robin, rotating order),
+   after a warm-up, and the median per variant is reported. The number of rounds fits
+   ``--latency-budget`` seconds per (model, batch), clamped to [--min-runs, --max-runs].
+4. Swap targets (``--targets`` besides ``fold``): ``normswap.rewrite(model, to, (x,))`` time
+   (median of --swap-repeats), export time, node count, and batch-1 onnxruntime latency of the
+   swapped ONNX as a ratio to the BN-folded ONNX of the same model (measured interleaved).
+   A target that raises is skipped with a note.
+
+Models: ``torchvision.models.get_model(name, weights=None)`` (random weights; timing does not
+depend on them), eval mode, input 1x3x224x224, seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,efficientnet_b0"
+DEFAULT_SWAP_MODELS = "resnet18,resnet50,mobilenet_v2"
+INPUT_SHAPE = (1, 3, 224, 224)
+
+QUICK = {"models": "resnet18", "repeats": 3, "swap_repeats": 1, "latency_budget": 6.0, "min_runs": 15, "max_runs": 200,
+         "warmup": 5}
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark normswap against torch.fx fuse, the plain ONNX exporters and onnxruntime's optimizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--models", default=None, help=f"comma-separated torchvision model names (default {DEFAULT_MODELS}; --quick: resnet18)")
+    p.add_argument("--targets", default="fold",
+                   help="comma-separated: 'fold' and/or swap targets from normswap.targets() (e.g. gn-ws,gn,ln,sn); 'all' = every registered one")
+    p.add_argument("--swap-models", default=DEFAULT_SWAP_MODELS, help="models (among --models) on which swap targets are measured")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats of fold / fx fuse (default 7; --quick: 3)")
+    p.add_argument("--swap-repeats", type=int, default=None, help="timed repeats of each swap rewrite (default 3; --quick: 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads and onnxruntime intra-op threads")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes for the onnxruntime latency table (e.g. 1,8)")
+    p.add_argument("--latency-budget", type=float, default=None, help="seconds of timed runs per (model, batch) (default 20; --quick: 6)")
+    p.add_argument("--min-runs", type=int, default=None, help="min timed runs per variant (default 20; --quick: 15)")
+    p.add_argument("--max-runs", type=int, default=None, help="max timed runs per variant (default 300; --quick: 200)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed onnxruntime runs per variant before timing (default 10; --quick: 5)")
+    p.add_argument("--exporter", default="auto", choices=["auto", "torchscript", "dynamo"], help="normswap export_onnx exporter")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset for every export (default: normswap's default)")
+    p.add_argument("--baselines", default="torchscript,dynamo",
+                   help="plain torch.onnx.export baselines of the unfolded model: torchscript, dynamo (comma-separated, or 'none')")
+    p.add_argument("--no-ort-optimized", action="store_true", help="skip onnxruntime's own optimized-graph variant")
+    p.add_argument("--ort-spinning", action="store_true", help="leave onnxruntime intra-op thread spinning on (default off)")
+    p.add_argument("--no-cli", action="store_true", help="skip the `normswap convert` subprocess timing")
+    p.add_argument("--profile-fold", action="store_true", help="cProfile normswap fold and fx fuse per model and print a phase breakdown")
+    p.add_argument("--json", dest="json_out", default=None, help="also write all results (raw samples included) to this JSON file")
+    p.add_argument("--keep", default=None, help="keep the ONNX files in this directory (default: a temporary directory)")
+    p.add_argument("--quick", action="store_true", help="fast smoke run: resnet18 only, few repeats, short latency budget")
+    args = p.parse_args(argv)
+
+    defaults = {"models": DEFAULT_MODELS, "repeats": 7, "swap_repeats": 3, "latency_budget": 20.0, "min_runs": 20,
+                "max_runs": 300, "warmup": 10}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, QUICK[k] if args.quick else v)
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.swap_model_list = [m.strip() for m in args.swap_models.split(",") if m.strip()]
+    args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.batch_list = [int(b) for b in args.batches.split(",") if b.strip()]
+    args.baseline_list = [] if args.baselines.strip() in ("", "none") else [b.strip() for b in args.baselines.split(",") if b.strip()]
+    for b in args.baseline_list:
+        if b not in ("torchscript", "dynamo"):
+            p.error(f"unknown baseline {b!r}; use torchscript, dynamo or none")
+    if args.repeats < 1 or args.swap_repeats < 1 or args.threads < 1 or not args.batch_list or min(args.batch_list) < 1:
+        p.error("--repeats, --swap-repeats, --threads and batch sizes must be positive")
+    if not args.model_list:
+        p.error("--models is empty")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of one call, garbage collector off while it runs (as timeit does)."""
+    wall, _, out = timed_cpu(fn)
+    return wall, out
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds, result) of one call, garbage collector off while it runs.
+    (CPU time goes to the JSON only: on a loaded machine it swings as much as wall time, because
+    page faults and memory-bandwidth contention are charged to this process too.)"""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        return time.perf_counter() - t, time.process_time() - c, out
+    finally:
+        if was:
+            gc.enable()
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def quantile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    i = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
+    return s[i]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def quiet() -> Any:
+    """Silence exporter progress prints, warnings and log records."""
+    names = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
+    saved = [(lg, lg.level) for lg in (logging.getLogger(n) for n in names)]
+    try:
+        for lg, _ in saved:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def count_bn(model: Any) -> int:
+    from torch import nn
+
+    return sum(1 for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def max_rel_err(ref: Any, out: Any) -> float:
+    import torch
+
+    with torch.no_grad():
+        return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def total_nodes(counts: dict[str, int] | None) -> int | None:
+    return None if counts is None else sum(counts.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. fold time
+
+
+def bench_fold(model: Any, x: Any, repeats: int) -> dict[str, Any]:
+    import torch
+    import normswap.fold
+    from torch.fx.experimental.optimization import fuse
+
+    res: dict[str, Any] = {"notes": []}
+    fns: dict[str, Callable[[], Any]] = {
+        "normswap": lambda: normswap.fold.fold(model, (x,)),
+        "fx": lambda: fuse(model),
+    }
+    label = {"normswap": "normswap fold", "fx": "fx fuse"}
+    outs: dict[str, Any] = {}
+    for key in list(fns):  # warm-up (and a correctness check of what each produced)
+        try:
+            outs[key] = fns[key]()
+        except Exception as e:
+            res["notes"].append(f"{label[key]} failed: {short_error(e)}")
+            del fns[key]
+    wall: dict[str, list[float]] = {k: [] for k in ("normswap", "fx", "deepcopy")}
+    cpu: dict[str, list[float]] = {k: [] for k in ("normswap", "fx", "deepcopy")}
+    for i in range(repeats):
+        order = list(fns) if i % 2 == 0 else list(reversed(list(fns)))
+        for key in order:
+            w, c, _ = timed_cpu(fns[key])
+            wall[key].append(w)
+            cpu[key].append(c)
+        w, c, _ = timed_cpu(lambda: copy.deepcopy(model))
+        wall["deepcopy"].append(w)
+        cpu["deepcopy"].append(c)
+    with torch.no_grad():
+        ref = model(x)
+        if "normswap" in outs:
+            folded = outs["normswap"].model
+            res["normswap_bn_left"] = count_bn(folded)
+            res["normswap_max_rel_err"] = max_rel_err(ref, folded(x))
+        if "fx" in outs:
+            res["fx_bn_left"] = count_bn(outs["fx"])
+            res["fx_max_rel_err"] = max_rel_err(ref, outs["fx"](x))
+    for key in wall:
+        res[f"{key}_s"] = wall[key]
+        res[f"{key}_cpu_s"] = cpu[key]
+        res[f"{key}_median_s"] = median(wall[key])
+        res[f"{key}_cpu_median_s"] = median(cpu[key])
+    res["ratio"] = ratio(res["normswap_median_s"], res["fx_median_s"])
+    res["cpu_ratio"] = ratio(res["normswap_cpu_median_s"], res["fx_cpu_median_s"])
+    res["min_ratio"] = ratio(min(wall["normswap"], default=None), min(wall["fx"], default=None))
+    return res
+
+
+# (file suffix, function name) → phase label; cumulative cProfile time of each
+PROFILE_PHASES = {
+    "normswap": [
+        ("normswap/fold.py", "fold", "total"),
+        ("copy.py", "deepcopy", "deepcopy (model, + any other deepcopy)"),
+        ("normswap/capture.py", "capture", "capture (fx trace)"),
+        ("normswap/capture.py", "propagate_shapes", "shape propagation"),
+        ("normswap/sites.py", "find_sites", "find_sites"),
+        ("normswap/sites.py", "can_fold", "can_fold (plans)"),
+        ("normswap/fold.py", "_fold_into_producer", "fold into producer (weights + module copy)"),
+        ("normswap/fold.py", "fold_conv_bn_weights", "  of which fold_conv_bn_weights (float64)"),
+        ("normswap/fold.py", "_fold_into_consumer", "fold into consumer"),
+        ("normswap/passes.py", "assemble", "assemble (lint, recompile)"),
+    ],
+    "fx": [
+        ("fx/experimental/optimization.py", "fuse", "total"),
+        ("copy.py", "deepcopy", "deepcopy (model + each fused conv)"),
+        ("fx/_symbolic_trace.py", "symbolic_trace", "symbolic_trace"),
+        ("nn/utils/fusion.py", "fuse_conv_bn_eval", "fuse_conv_bn_eval (conv deepcopy + weights)"),
+        ("nn/utils/fusion.py", "fuse_conv_bn_weights", "  of which fuse_conv_bn_weights (float32)"),
+    ],
+}
+
+
+def profile_fold(model: Any, x: Any, runs: int = 3) -> dict[str, dict[str, float]]:
+    """Cumulative cProfile seconds per phase of normswap fold and fx fuse (min over ``runs``)."""
+    import cProfile
+    import pstats
+
+    import normswap.fold
+    from torch.fx.experimental.optimization import fuse
+
+    fns = {"normswap": lambda: normswap.fold.fold(model, (x,)), "fx": lambda: fuse(model)}
+    out: dict[str, dict[str, float]] = {}
+    for tool, fn in fns.items():
+        best: dict[str, float] = {}
+        for _ in range(runs):
+            prof = cProfile.Profile()
+            try:
+                prof.enable()
+                fn()
+            except Exception:
+                break
+            finally:
+                prof.disable()
+            stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+            got: dict[str, float] = {}
+            for (filename, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.items():
+                for suffix, fname, phase in PROFILE_PHASES[tool]:
+                    if func == fname and filename.replace(os.sep, "/").endswith(suffix):
+                        got[phase] = got.get(phase, 0.0) + ct
+            for k, v in got.items():
+                best[k] = min(best.get(k, v), v)
+        out[tool] = {phase: best[phase] for _s, _f, phase in PROFILE_PHASES[tool] if phase in best}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# end-to-end convert
+
+
+def bench_e2e_api(model: Any, x: Any, path: Path, exporter: str, opset: int | None) -> tuple[dict[str, Any], Any]:
+    """The calls `normswap convert --to fold --onnx` makes: rewrite(verify) → export → parity."""
+    import normswap
+
+    t: dict[str, Any] = {}
+    t["rewrite_s"], conv = timed(lambda: normswap.rewrite(model, "fold", (x,), verify=True))
+    with quiet():
+        t["export_s"], exp = timed(lambda: normswap.export_onnx(conv.model, (x,), path, exporter=exporter, opset=opset))
+    t["parity_s"], par = timed(lambda: normswap.check_parity(model, conv.model, path, input_shape=tuple(x.shape)))
+    t["total_s"] = t["rewrite_s"] + t["export_s"] + t["parity_s"]
+    t["exporter"] = exp.exporter
+    t["opset"] = exp.opset
+    t["parity_passed"] = bool(par)
+    t["summary"] = conv.summary()
+    t["op_counts"] = exp.op_counts
+    return t, exp
+
+
+def normswap_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("normswap")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("normswap")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "cli.main"]
+
+
+def bench_e2e_cli(name: str, workdir: Path, threads: int, exporter: str, opset: int | None) -> dict[str, Any]:
+    onnx_path = workdir / f"{name}.cli.onnx"
+    rep_path = workdir / f"{name}.cli.json"
+    cmd = [*normswap_cli(), "convert", f"torchvision.models:{name}", "--onnx", str(onnx_path), "--report", str(rep_path),
+           "--input-shape", ",".join(map(str, INPUT_SHAPE)), "--exporter", exporter]
+    if opset is not None:
+        cmd += ["--opset", str(opset)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    out: dict[str, Any] = {"command": shlex.join(cmd), "wall_s": wall, "returncode": proc.returncode}
+    if proc.returncode != 0:
+        out["error"] = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:200]
+        return out
+    try:
+        rep = json.loads(rep_path.read_text())
+        out["stages_s"] = rep.get("seconds", {})
+        out["passed"] = rep.get("passed")
+    except Exception as e:  # the report is a nicety; the wall time stands
+        out["error"] = f"report unreadable: {short_error(e)}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. baseline exports and onnxruntime's optimized graphs
+
+
+def export_baseline(model: Any, x: Any, path: Path, exporter: str, opset: int) -> dict[str, Any]:
+    """torch.onnx.export of the unfolded eval model with the settings normswap uses (dynamic batch)."""
+    import torch
+
+    m = copy.deepcopy(model).eval()
+    xx = torch.cat([x, x])  # batch 2 for tracing, so nothing specialises on size 1 (as normswap does)
+    t = time.perf_counter()
+    with quiet(), torch.no_grad():
+        if exporter == "torchscript":
+            torch.onnx.export(m, (xx,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                              do_constant_folding=True)
+        else:
+            prog = torch.onnx.export(m, (xx,), dynamo=True, opset_version=opset, input_names=["input"],
+                                     output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                     optimize=True, report=False, verify=False)
+            prog.save(str(path))
+    from normswap.export import onnx_op_counts
+
+    return {"seconds": time.perf_counter() - t, "op_counts": onnx_op_counts(path), "path": str(path)}
+
+
+def session_options(threads: int, spinning: bool, level: str = "ORT_ENABLE_ALL") -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def make_session(path: Path, threads: int, spinning: bool) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), sess_options=session_options(threads, spinning), providers=["CPUExecutionProvider"])
+
+
+def ort_optimize(src: Path, dst: Path, threads: int) -> dict[str, int]:
+    """Write onnxruntime's ORT_ENABLE_ALL-optimized graph of ``src`` to ``dst`` and count its nodes."""
+    import onnxruntime as ort
+    from normswap.export import onnx_op_counts
+
+    so = session_options(threads, spinning=False)
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+    return onnx_op_counts(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. latency
+
+
+def measure_latency(paths: dict[str, Path], batch: int, args: argparse.Namespace, budget: float | None = None) -> dict[str, Any]:
+    """Interleaved onnxruntime latency of every variant at ``batch``: {name: {median_ms, ...}}."""
+    import numpy as np
+
+    budget = args.latency_budget if budget is None else budget
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, *INPUT_SHAPE[1:]), dtype=np.float32)
+    sessions: dict[str, Any] = {}
+    out: dict[str, Any] = {"batch": batch, "variants": {}, "notes": []}
+    for name, path in paths.items():
+        try:
+            sess = make_session(path, args.threads, args.ort_spinning)
+            feed = {sess.get_inputs()[0].name: x}
+            sess.run(None, feed)
+            sessions[name] = (sess, feed)
+        except Exception as e:
+            out["notes"].append(f"{name}: onnxruntime cannot run it ({short_error(e)})")
+    if not sessions:
+        return out
+    # warm-up, round-robin; its timings size the measurement to the budget
+    warm: dict[str, list[float]] = {n: [] for n in sessions}
+    for _ in range(args.warmup):
+        for name, (sess, feed) in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feed)
+            warm[name].append(time.perf_counter() - t)
+    per_round = sum(median(v) or 0.0 for v in warm.values())
+    runs = int(budget / per_round) if per_round > 0 else args.max_runs
+    runs = max(args.min_runs, min(args.max_runs, runs))
+    samples: dict[str, list[float]] = {n: [] for n in sessions}
+    names = list(sessions)
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(runs):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:  # rotate the order so no variant always runs first
+                sess, feed = sessions[name]
+                t = time.perf_counter()
+                sess.run(None, feed)
+                samples[name].append((time.perf_counter() - t) * 1e3)
+    finally:
+        if was:
+            gc.enable()
+    for name, xs in samples.items():
+        out["variants"][name] = {"median_ms": median(xs), "min_ms": min(xs), "p10_ms": quantile(xs, 0.1),
+                                 "p90_ms": quantile(xs, 0.9), "runs": len(xs), "samples_ms": [round(v, 4) for v in xs]}
+    out["runs"] = runs
+    return out
+
+
+def paired_ratio(lat: dict[str, Any], a: str, b: str) -> float | None:
+    """Median over rounds of t_a / t_b (robust to load that drifts during the measurement)."""
+    va, vb = lat["variants"].get(a), lat["variants"].get(b)
+    if not va or not vb:
+        return None
+    return median([p / q for p, q in zip(va["samples_ms"], vb["samples_ms"]) if q > 0])
+
+
+def median_ratio(lat: dict[str, Any], a: str, b: str) -> float | None:
+    va, vb = lat["variants"].get(a), lat["variants"].get(b)
+    if not va or not vb:
+        return None
+    return ratio(va["median_ms"], vb["median_ms"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. swap targets
+
+
+NORM_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+            "ReduceMean", "ReduceSumSquare", "Sqrt", "Div", "Pow")
+
+
+def bench_swap(model: Any, x: Any, target: str, path: Path, folded_onnx: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+    import normswap
+
+    res: dict[str, Any] = {"target": target, "notes": []}
+    try:
+        times = []
+        conv = None
+        for _ in range(args.swap_repeats):
+            dt, conv = timed(lambda: normswap.rewrite(model, target, (x,), verify=True))
+            times.append(dt)
+        res["rewrite_s"] = times
+        res["rewrite_median_s"] = median(times)
+        res["summary"] = conv.summary()
+        res["exact"] = conv.exact
+        if not any(a.rewritten for a in conv.actions):
+            res["notes"].append("no site rewritten")
+    except Exception as e:
+        res["error"] = f"rewrite: {short_error(e)}"
+        return res
+    try:
+        with quiet():
+            exp = normswap.export_onnx(conv.model, (x,), path, exporter=args.exporter, opset=args.opset)
+        res["export_s"] = exp.seconds
+        res["exporter"] = exp.exporter
+        res["op_counts"] = exp.op_counts
+        res["nodes"] = total_nodes(exp.op_counts)
+    except Exception as e:
+        res["error"] = f"export: {short_error(e)}"
+        return res
+    if folded_onnx is None:
+        res["notes"].append("no BN-folded ONNX to compare with")
+        return res
+    lat = measure_latency({"swap": path, "fold": folded_onnx}, 1, args, budget=args.latency_budget / 2)
+    res["latency"] = lat
+    res["notes"].extend(lat["notes"])
+    if "swap" in lat["variants"] and "fold" in lat["variants"]:
+        res["swap_ms"] = lat["variants"]["swap"]["median_ms"]
+        res["fold_ms"] = lat["variants"]["fold"]["median_ms"]
+        res["ratio"] = median_ratio(lat, "swap", "fold")
+        res["paired_ratio"] = paired_ratio(lat, "swap", "fold")
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# per model
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path, swap_targets: list[str]) -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    from normswap.export import DEFAULT_OPSET
+
+    opset = args.opset or DEFAULT_OPSET
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(*INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    r: dict[str, Any] = {"model": name, "bn": count_bn(model), "notes": []}
+
+    if "fold" in args.target_list:
+        log(f"{name}: fold time (normswap fold vs fx fuse, {args.repeats} repeats)")
+        r["fold"] = bench_fold(model, x, args.repeats)
+        r["notes"].extend(r["fold"].pop("notes"))
+        if args.profile_fold:
+            r["fold_profile"] = profile_fold(model, x)
+
+    # the BN-folded ONNX is needed by the fold tables and as the reference of every swap target
+    folded_onnx: Path | None = workdir / f"{name}.normswap.onnx"
+    log(f"{name}: normswap convert (API: rewrite+verify, export_onnx, check_parity)")
+    try:
+        r["e2e_api"], exp = bench_e2e_api(model, x, folded_onnx, args.exporter, args.opset)
+    except Exception as e:
+        r["notes"].append(f"normswap convert (API) failed: {short_error(e)}")
+        log(traceback.format_exc())
+        folded_onnx = None
+
+    if "fold" in args.target_list:
+        if not args.no_cli:
+            log(f"{name}: normswap convert (CLI subprocess)")
+            r["e2e_cli"] = bench_e2e_cli(name, workdir, args.threads, args.exporter, args.opset)
+            if "error" in r["e2e_cli"]:
+                r["notes"].append(f"CLI: {r['e2e_cli']['error']}")
+
+        variants: dict[str, Path] = {}
+        if folded_onnx is not None:
+            variants["normswap"] = folded_onnx
+        r["baselines"] = {}
+        for b in args.baseline_list:
+            log(f"{name}: torch.onnx.export baseline ({b}) of the unfolded model")
+            path = workdir / f"{name}.{b}.onnx"
+            try:
+                r["baselines"][b] = export_baseline(model, x, path, b, opset)
+                variants[b] = path
+            except Exception as e:
+                r["notes"].append(f"{b} export of the unfolded model failed: {short_error(e)}")
+        r["ort_optimized"] = {}
+        if not args.no_ort_optimized:
+            for src in ("normswap", *args.baseline_list):
+                if src not in variants:
+                    continue
+                dst = workdir / f"{name}.{src}.ort.onnx"
+                try:
+                    r["ort_optimized"][src] = ort_optimize(variants[src], dst, args.threads)
+                    if src == (args.baseline_list[0] if args.baseline_list else "normswap"):
+                        variants["ort-opt"] = dst  # onnxruntime's own optimized graph of the plain export
+                        r["ort_opt_source"] = src
+                except Exception as e:
+                    r["notes"].append(f"onnxruntime optimized-model output of {src} failed: {short_error(e)}")
+        r["latency"] = []
+        for b in args.batch_list:
+            log(f"{name}: onnxruntime latency, batch {b}, variants {', '.join(variants)}")
+            lat = measure_latency(variants, b, args)
+            r["notes"].extend(lat["notes"])
+            lat["ratios"] = {  # normswap / each other variant: of medians, median of per-round ratios, of minima
+                o: {"median": median_ratio(lat, "normswap", o), "paired": paired_ratio(lat, "normswap", o),
+                    "min": ratio((lat["variants"].get("normswap") or {}).get("min_ms"), (lat["variants"].get(o) or {}).get("min_ms"))}
+                for o in variants if o != "normswap"
+            }
+            r["latency"].append(lat)
+
+    r["swaps"] = []
+    if name in args.swap_model_list:
+        for tgt in swap_targets:
+            log(f"{name}: swap target {tgt}")
+            s = bench_swap(model, x, tgt, workdir / f"{name}.{tgt}.onnx", folded_onnx, args)
+            r["swaps"].append(s)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def fmt_s(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def fmt_ratio(v: float | None) -> str:
+    if v is None:
+        return "–"
+    style = "green" if v <= 1.0 else ("yellow" if v <= 1.1 else "red")
+    return f"[{style}]{v:.2f}×[/]"
+
+
+def fmt_err(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0e}"
+
+
+def fmt_nodes(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "–"
+    return f"{total_nodes(counts)} / {counts.get('BatchNormalization', 0)}"
+
+
+def print_tables(console: Any, results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    def table(title: str, *cols: str) -> Any:
+        t = Table(title=title, title_justify="left", show_lines=False)
+        for i, c in enumerate(cols):
+            t.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+        return t
+
+    if "fold" in args.target_list:
+        t = table(f"1. fold time, wall s (median of {args.repeats} after 1 warm-up; both deepcopy the model)",
+                  "model", "BN", "normswap fold", "fx fuse", "normswap/fx", "min ns/min fx", "deepcopy alone",
+                  "BN left ns/fx", "max rel err ns/fx")
+        for r in results:
+            f = r.get("fold")
+            if not f:
+                continue
+            t.add_row(r["model"], str(r["bn"]), fmt_s(f.get("normswap_median_s")), fmt_s(f.get("fx_median_s")),
+                      fmt_ratio(f.get("ratio")), fmt_ratio(f.get("min_ratio")), fmt_s(f.get("deepcopy_median_s")),
+                      f"{f.get('normswap_bn_left', '–')} / {f.get('fx_bn_left', '–')}",
+                      f"{fmt_err(f.get('normswap_max_rel_err'))} / {fmt_err(f.get('fx_max_rel_err'))}")
+        console.print(t)
+
+        profiled = [r for r in results if r.get("fold_profile")]
+        if profiled:
+            t = table("1a. where the fold time goes: cProfile cumulative s per phase (min of 3 profiled runs; phases overlap)",
+                      "tool / phase", *[r["model"] for r in profiled])
+            for tool in ("normswap", "fx"):
+                for _s, _f, phase in PROFILE_PHASES[tool]:
+                    vals = [r["fold_profile"].get(tool, {}).get(phase) for r in profiled]
+                    if all(v is None for v in vals):
+                        continue
+                    t.add_row(f"{tool}: {phase}", *[fmt_s(v) for v in vals])
+            console.print(t)
+
+        t = table("1b. end-to-end `normswap convert --to fold --onnx` (one run each), s",
+                  "model", "API rewrite+verify", "API export", "API parity", "API total", "exporter",
+                  "CLI wall", "CLI load/rewrite/export/parity")
+        for r in results:
+            e, c = r.get("e2e_api") or {}, r.get("e2e_cli") or {}
+            if not e and not c:
+                continue
+            stages = c.get("stages_s") or {}
+            st = "/".join(fmt_s(stages.get(k), 2) for k in ("load", "rewrite", "export", "parity")) if stages else (c.get("error") or "–")
+            t.add_row(r["model"], fmt_s(e.get("rewrite_s"), 2), fmt_s(e.get("export_s"), 2), fmt_s(e.get("parity_s"), 2),
+                      fmt_s(e.get("total_s"), 2), str(e.get("exporter", "–")), fmt_s(c.get("wall_s"), 2), st)
+        console.print(t)
+
+        cols = ["model", f"normswap ({args.exporter})"] + [f"{b} export" for b in args.baseline_list]
+        if not args.no_ort_optimized:
+            cols += [f"ORT-opt of {s}" for s in ("normswap", *args.baseline_list)]
+        t = table("2. ONNX nodes / BatchNormalization nodes (baselines export the *unfolded* eval model)", *cols)
+        for r in results:
+            if "baselines" not in r:
+                continue
+            row = [r["model"], fmt_nodes((r.get("e2e_api") or {}).get("op_counts"))]
+            row += [fmt_nodes((r["baselines"].get(b) or {}).get("op_counts")) for b in args.baseline_list]
+            if not args.no_ort_optimized:
+                row += [fmt_nodes(r["ort_optimized"].get(s)) for s in ("normswap", *args.baseline_list)]
+            t.add_row(*row)
+        console.print(t)
+
+        base = args.baseline_list[0] if args.baseline_list else None
+        others = args.baseline_list[1:] + ([] if args.no_ort_optimized or base is None else ["ort-opt"])
+        cols = ["model", "batch", "runs", "normswap ms", "p90/p10"]
+        if base:
+            cols += [f"{base} ms", f"normswap/{base}"]
+        for o in others:
+            cols += [f"{o} ms", f"normswap/{o}"]
+        spin = "on" if args.ort_spinning else "off"
+        t = table(f"3. onnxruntime latency (CPU, ORT_ENABLE_ALL, {args.threads} intra-op threads, spinning {spin}; "
+                  "median of interleaved runs)", *cols)
+        for r in results:
+            for lat in r.get("latency", []):
+                v = lat["variants"]
+                ns = v.get("normswap") or {}
+                spread = ratio(ns.get("p90_ms"), ns.get("p10_ms"))
+                row = [r["model"], str(lat["batch"]), str(lat.get("runs", "–")), fmt_ms(ns.get("median_ms")),
+                       "–" if spread is None else f"{spread:.2f}"]
+                for o in ([base] if base else []) + others:
+                    row += [fmt_ms((v.get(o) or {}).get("median_ms")), fmt_ratio(median_ratio(lat, "normswap", o))]
+                t.add_row(*row)
+        console.print(t)
+
+    swaps = [(r["model"], s) for r in results for s in r.get("swaps", [])]
+    if swaps:
+        t = table("4. swap targets: rewrite time and batch-1 onnxruntime latency vs the BN-folded ONNX of the same model",
+                  "model", "target", "sites rewritten", f"rewrite s (med of {args.swap_repeats})", "export s",
+                  "ONNX nodes", "norm ops", "swap ms", "folded ms", "swap/folded", "note")
+        for model, s in swaps:
+            counts = s.get("op_counts") or {}
+            norm_ops = ", ".join(f"{k}×{counts[k]}" for k in NORM_OPS if counts.get(k)) or "–"
+            summ = s.get("summary") or {}
+            rewritten = sum(n for k, n in summ.items() if k != "refuse")
+            sites = f"{rewritten}/{sum(summ.values())}" if summ else "–"
+            note = s.get("error") or "; ".join(s.get("notes", [])) or ""
+            t.add_row(model, s["target"], sites, fmt_s(s.get("rewrite_median_s"), 2), fmt_s(s.get("export_s"), 2),
+                      str(s.get("nodes", "–")), norm_ops, fmt_ms(s.get("swap_ms")), fmt_ms(s.get("fold_ms")),
+                      fmt_ratio(s.get("ratio")), f"[red]{note}[/]" if s.get("error") else note)
+        console.print(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv])
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+    import torchvision
+    from rich.console import Console
+
+    import normswap
+
+    torch.set_num_threads(args.threads)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+
+    console = Console(width=max(Console().width, 200))
+    t_start = time.perf_counter()
+    console.print(f"$ {command}")
+    env = {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+        "normswap": normswap.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "loadavg_start": loadavg(),
+    }
+    console.print(
+        f"torch {env['torch']}, torchvision {env['torchvision']}, onnx {env['onnx']}, onnxruntime {env['onnxruntime']}, "
+        f"normswap {env['normswap']}, python {env['python']}; {env['cpu_count']} CPUs, torch threads {env['torch_threads']}, "
+        f"load average {env['loadavg_start']}"
+    )
+
+    registered = list(normswap.targets())
+    wanted = [t for t in registered if t != "fold"] if args.target_list == ["all"] else args.target_list
+    if args.target_list == ["all"]:
+        args.target_list = ["fold", *wanted]
+    notes: list[str] = []
+    swap_targets = []
+    for t in args.target_list:
+        if t == "fold":
+            continue
+        if t not in registered:
+            notes.append(f"target {t!r} is not in normswap.targets() ({', '.join(registered)}); skipped")
+        else:
+            swap_targets.append(t)
+    if swap_targets and not any(m in args.swap_model_list for m in args.model_list):
+        notes.append(f"swap targets given but none of --models is in --swap-models ({', '.join(args.swap_model_list)})")
+
+    results: list[dict[str, Any]] = []
+    tmp_ctx = contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="normswap-bench-")
+    with tmp_ctx as wd:
+        workdir = Path(wd)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name in args.model_list:
+            t0 = time.perf_counter()
+            try:
+                r = bench_model(name, args, workdir, swap_targets)
+            except Exception as e:
+                log(traceback.format_exc())
+                r = {"model": name, "bn": None, "notes": [f"benchmark failed: {short_error(e)}"]}
+            r["seconds"] = time.perf_counter() - t0
+            log(f"{name}: done in {r['seconds']:.0f} s")
+            results.append(r)
+
+    console.print()
+    print_tables(console, results, args)
+    for r in results:
+        for n in r.get("notes", []):
+            notes.append(f"{r['model']}: {n}")
+        for s in r.get("swaps", []):
+            if s.get("error"):
+                notes.append(f"{r['model']} {s['target']}: skipped — {s['error']}")
+    env["loadavg_end"] = loadavg()
+    total = time.perf_counter() - t_start
+    if notes:
+        console.print("notes:\n" + "\n".join(f"  - {n}" for n in notes), markup=False, highlight=False)
+    console.print(
+        "Ratios are normswap / baseline (< 1 = normswap faster or smaller). Latency: medians over interleaved "
+        "round-robin runs of all variants of one model; ratio of medians; p90/p10 of normswap's runs shows the noise "
+        "(near 1 on a quiet machine)."
+    )
+    console.print(f"total {total:.0f} s; load average at end {env['loadavg_end']} (start {env['loadavg_start']})")
+
+    if args.json_out:
+        doc = {"command": command, "environment": env, "args": {k: v for k, v in vars(args).items()},
+               "notes": notes, "results": results, "seconds": total}
+        Path(args.json_out).write_text(json.dumps(doc, indent=1, default=str))
+        console.print(f"JSON: {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
