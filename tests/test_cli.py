@@ -161,3 +161,17 @@ def test_file_spec_with_args_and_weights(tmp_path):
     rep = json.loads(p.stdout)
     assert rep["passed"] and rep["summary"] == {"into-producer": 1}
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_check_with_user_samples(converted, tmp_path):
+    import numpy as np
+
+    d, _ = converted
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype("float32"))
+    p = run("check", str(d / "digits.onnx"), "--samples", str(tmp_path / "x.npy"), "--json")
+    assert p.returncode == 0, p.stderr
+    stats = json.loads(p.stdout)["parity"]["stats"]
+    assert any(s["batch"] == "samples" and s["shape"][0] == 5 for s in stats)
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy")
+    assert_one_line_error(run("check", str(d / "digits.onnx"), "--samples", str(bad)), 2, "bad.npy")
