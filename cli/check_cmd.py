@@ -11,7 +11,7 @@ import normswap
 from normswap.errors import InputError
 
 from .common import (
-    EXIT_PARITY, ArgOpt, AtolOpt, DebugOpt, JsonOpt, ModelArg, NoStrictOpt, RtolOpt, SamplesOpt,
+    EXIT_PARITY, ArgOpt, AtolOpt, DebugOpt, JsonOpt, NoStrictOpt, RtolOpt, SamplesOpt,
     ShapeOpt, TrustOpt, WeightsOpt, console, guarded, input_shape, load, load_samples, print_json,
 )
 

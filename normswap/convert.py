@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import __version__
 from .atomic import staging_dir
 from .capture import trace
-from .errors import InputError, ParityError, RewriteError
+from .errors import InputError, ParityError
 from .passes import PassResult
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult, compare, first_divergence
 

@@ -12,8 +12,16 @@ replaces, so an fp16/bf16 model keeps its dtype while the fold itself loses no p
 
 from __future__ import annotations
 
+import copy
+from typing import Any, Iterable
+
 import torch
-from torch import Tensor
+from torch import Tensor, fx, nn
+
+from .capture import Capture, capture, is_norm_module, propagate_shapes
+from .layers import ChannelAffine, PostNorm, is_identity
+from .passes import PassResult, SiteAction, assemble, set_module, unique_target
+from .sites import BNParams, bn_params, bn_post_ops, can_fold, find_sites, is_bn_site_module
 
 __all__ = [
     "fold",
@@ -125,16 +133,6 @@ def fold_bn_into_linear_input(
 # --------------------------------------------------------------------------------------------
 # The pass: graph surgery that calls the arithmetic above.
 # --------------------------------------------------------------------------------------------
-
-import copy  # noqa: E402
-from typing import Any, Iterable  # noqa: E402
-
-from torch import fx, nn  # noqa: E402
-
-from .capture import Capture, capture, is_norm_module, propagate_shapes  # noqa: E402
-from .layers import ChannelAffine, PostNorm, is_identity  # noqa: E402
-from .passes import PassResult, SiteAction, assemble, set_module, unique_target  # noqa: E402
-from .sites import BNParams, bn_params, bn_post_ops, can_fold, find_sites, is_bn_site_module  # noqa: E402
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 

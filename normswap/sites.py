@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import Capture, TracedPart, is_norm_module
+from .capture import Capture, TracedPart
 
 __all__ = [
     "NormSite",
