@@ -28,14 +28,14 @@ FAMILY = [
     "regnet_y_400mf", "mnasnet0_5", "shufflenet_v2_x0_5", "googlenet", "inception_v3", "vgg11_bn",
     "maxvit_t",
 ]
-# families without BatchNorm: nothing to fold
-NO_BN = ("alexnet", "convnext", "squeezenet", "swin", "vit", "vgg11", "vgg13", "vgg16", "vgg19")
+# classification models without BatchNorm: nothing to fold
+NO_BN_FAMILIES = ("alexnet", "convnext", "squeezenet", "swin", "vit_")
+NO_BN_MODELS = ("vgg11", "vgg13", "vgg16", "vgg19")
 
 
 def _all_bn_models() -> list[str]:
     names = tv.models.list_models(module=tv.models)
-    return sorted(n for n in names if not any(n == p or n.startswith(p + "_") for p in NO_BN)
-                  and not n.startswith(("convnext", "swin", "vit")))
+    return sorted(n for n in names if not n.startswith(NO_BN_FAMILIES) and n not in NO_BN_MODELS)
 
 
 def _size(name: str) -> int:
