@@ -11,8 +11,10 @@ import typer
 import normswap
 
 from .check_cmd import check
+from .compare_cmd import compare
 from .convert_cmd import convert
 from .inspect_cmd import inspect
+from .recover_cmd import recover
 
 app = typer.Typer(
     name="normswap",
@@ -27,6 +29,8 @@ app = typer.Typer(
 app.command("inspect")(inspect)
 app.command("convert")(convert)
 app.command("check")(check)
+app.command("recover")(recover)
+app.command("compare")(compare)
 
 
 @app.command("targets")

@@ -17,9 +17,22 @@ from .errors import InputError, NormswapError, ParityError, RewriteError  # noqa
 from .export import ExportResult, export_onnx  # noqa: E402
 from .load import LoadedModel, load_model  # noqa: E402
 from .parity import ParityResult, check_parity  # noqa: E402
+from .calibrate import CalibrationReport, agreement, calibrate  # noqa: E402
+from .compare import compare_targets  # noqa: E402
+from .data import calibration_batches  # noqa: E402
+from .recover import FunctionReport, RecoveryReport, keep_function, recover  # noqa: E402
 
 __all__ = [
     "__version__",
+    "CalibrationReport",
+    "FunctionReport",
+    "RecoveryReport",
+    "agreement",
+    "calibrate",
+    "calibration_batches",
+    "compare_targets",
+    "keep_function",
+    "recover",
     "Conversion",
     "ExportResult",
     "InputError",

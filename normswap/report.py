@@ -55,6 +55,9 @@ def build_report(
     if parity is not None:
         rep["parity"] = parity.to_dict()
         rep["passed"] = bool(parity)
+    else:
+        rep["parity"] = None
+        rep["passed"] = None  # nothing had to match (a function-changing swap, not exported)
     if timings:
         rep["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     if extra:

@@ -1,0 +1,109 @@
+"""``normswap recover``: label-free distillation of a saved conversion back onto its original model.
+
+Resumes from the checkpoint in ``--checkpoint-dir`` (default ``SAVED_DIR/recover-checkpoints``) when one
+exists, and saves the recovered conversion back into SAVED_DIR (or ``--out``), atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import normswap
+from normswap.atomic import atomic_write_text
+from normswap.errors import InputError
+
+from .calibrate_cmd import (
+    DEFAULT_CALIB_BATCH,
+    CalibBatchOpt,
+    CalibSamplesOpt,
+    FeatureWeightOpt,
+    LrOpt,
+    NoAugmentOpt,
+    SeedOpt,
+    TargetAgreementOpt,
+    TemperatureOpt,
+    calib_data,
+    heldout_for,
+)
+from .common import (
+    DebugOpt,
+    JsonOpt,
+    NoStrictOpt,
+    TrustOpt,
+    WeightsOpt,
+    console,
+    guarded,
+    print_json,
+)
+
+CHECKPOINTS = "recover-checkpoints"
+
+
+@guarded
+def recover(
+    saved_dir: Annotated[Path, typer.Argument(help="a conversion saved with `normswap convert --save DIR`.", show_default=False)],
+    calib: Annotated[str, typer.Option("--calib", help="unlabeled data: 'digits', a tensor file [N, ...] (.pt/.npy/.safetensors), an image folder, or module:callable.")],
+    steps: Annotated[int, typer.Option("--steps", help="distillation steps (one batch each).")] = 200,
+    calib_samples: CalibSamplesOpt = None,
+    calib_batch: CalibBatchOpt = DEFAULT_CALIB_BATCH,
+    lr: LrOpt = 3e-4,
+    temperature: TemperatureOpt = 2.0,
+    feature_weight: FeatureWeightOpt = 0.0,
+    seed: SeedOpt = 0,
+    target_agreement: TargetAgreementOpt = None,
+    no_augment: NoAugmentOpt = False,
+    checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help=f"where checkpoints go (default: SAVED_DIR/{CHECKPOINTS}).")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="checkpoint every N steps.")] = 50,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="start from the saved conversion even if a checkpoint exists.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="save the recovered conversion here (default: back into SAVED_DIR).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="write the JSON report here.")] = None,
+    weights: WeightsOpt = None,
+    trust_pickle: TrustOpt = False,
+    no_strict: NoStrictOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Distil the original model into a saved (swapped) conversion, without labels; resumable."""
+    from normswap.calibrate import accuracy, agreement
+    from normswap.recover import recover as run_recover
+
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    conv = normswap.load_conversion(saved_dir)
+    if conv.to == "fold":
+        raise InputError(f"{saved_dir} holds a 'fold' conversion, which is exact: there is nothing to recover")
+    src = conv.source or {}
+    teacher = normswap.load_model(src.get("spec"), args=src.get("args") or {}, weights=weights or src.get("weights"),
+                                  trust_pickle=trust_pickle, strict=not no_strict)
+    data = calib_data(calib, teacher, calib_samples, calib_batch)
+    ckdir = checkpoint_dir if checkpoint_dir is not None else saved_dir / CHECKPOINTS
+    rep = run_recover(
+        teacher.model, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
+        seed=seed, augment=not no_augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every,
+        resume=not no_resume, target_agreement=target_agreement, progress=not json_out,
+    )
+    dest = out if out is not None else saved_dir
+    normswap.save_conversion(conv, dest)
+    result = {"saved": str(dest), "to": conv.to, "recovery": rep.to_dict()}
+    heldout, name = heldout_for(teacher)
+    if heldout is not None:
+        x, y = heldout
+        result["heldout"] = {"data": name, "top1_agreement": agreement(teacher.model, conv.model, x)["top1_agreement"],
+                             "accuracy": accuracy(conv.model, x, y), "original_accuracy": accuracy(teacher.model, x, y)}
+    if report is not None:
+        atomic_write_text(report, json.dumps(result, indent=2, default=str))
+    if json_out:
+        print_json(result)
+        return
+    console.print(rep)
+    for n in rep.notes:
+        console.print(f"[yellow]note:[/] {n}")
+    if "heldout" in result:
+        h = result["heldout"]
+        console.print(f"on {h['data']}: top-1 agreement {h['top1_agreement']:.4f}, accuracy {h['accuracy']:.4f} "
+                      f"(original {h['original_accuracy']:.4f})")
+    console.print(f"saved: {dest} (checkpoints: {ckdir})")

@@ -1,0 +1,373 @@
+"""Calibration data: the unlabeled inputs calibration and recovery fit a swapped model on.
+
+``calibration_batches(spec, ...)`` accepts
+
+* ``"digits"`` — the bundled model's training split (``normswap.models.digits.load_digits("train")``);
+* a tensor file ``.pt``/``.pth`` (weights-only), ``.npy``/``.npz`` or ``.safetensors`` holding
+  ``[N, ...]`` (several tensors = one per model input), read by :func:`normswap.load.load_tensor_file`;
+* a folder of images (``.png``, ``.jpg``, ...; searched recursively, sorted by path): each is
+  converted to RGB (or L for a 1-channel model), resized so its short side is ``size / crop_pct``
+  (bilinear), center-cropped to ``size``, scaled to [0, 1] and normalized with ``mean``/``std``.
+  ``size``, ``mean``, ``std`` default from the model's timm ``pretrained_cfg`` when it has one,
+  else from the model's example input shape (``normswap_input_shape``) with mean 0 / std 1;
+* ``"module:callable"`` / ``"file.py:callable"`` — called with no arguments, it returns an iterable
+  of batches (a list, a DataLoader, a generator). A batch is a tensor ``[B, ...]``, or a tuple/list
+  whose first element is the input tensor (``(x, labels)`` as DataLoaders yield; the rest is
+  ignored). The callable is called again for each pass over the data.
+
+The result, :class:`CalibrationData`, is re-iterable (calibration may make two passes, recovery
+cycles over it) and yields tuples of input tensors, one per model argument, at most ``batch`` samples
+each and ``samples`` samples in all. Only one batch of images is decoded at a time.
+
+Missing, empty or mis-shaped data raises :class:`~normswap.errors.InputError` with one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError
+
+__all__ = ["IMAGE_SUFFIXES", "TENSOR_SUFFIXES", "CalibrationData", "calibration_batches", "shard"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
+_IMAGENET_CROP_PCT = 0.875
+
+Batch = tuple[Tensor, ...]
+
+
+class CalibrationData:
+    """A re-iterable source of input batches (each a tuple of tensors, one per model argument).
+
+    ``description`` says where the data came from; ``num_samples`` is the total sample count when it
+    is known without iterating (tensor files, image folders, ``"digits"``), else None."""
+
+    def __init__(
+        self,
+        make_iter: Callable[[], Iterator[Batch]],
+        *,
+        description: str,
+        num_samples: int | None,
+        batch: int,
+        sample_shape: Sequence[int] | None = None,
+    ) -> None:
+        self._make_iter = make_iter
+        self.description = description
+        self.num_samples = num_samples
+        self.batch = batch
+        self.sample_shape = None if sample_shape is None else list(sample_shape)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._make_iter()
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError("the number of batches of a callable's data is not known before iterating")
+        return (self.num_samples + self.batch - 1) // self.batch
+
+    def __repr__(self) -> str:
+        n = "?" if self.num_samples is None else self.num_samples
+        return f"CalibrationData({self.description}, samples={n}, batch={self.batch})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.description, "samples": self.num_samples, "batch": self.batch,
+                "sample_shape": self.sample_shape}
+
+
+def _check_counts(samples: int | None, batch: int) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"--calib-batch must be a positive integer, got {batch!r}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise InputError(f"--calib-samples must be a positive integer, got {samples!r}")
+
+
+def _tensors_data(xs: Sequence[Tensor], description: str, samples: int | None, batch: int) -> CalibrationData:
+    n = int(xs[0].shape[0])
+    if n == 0:
+        raise InputError(f"calibration data {description} is empty (0 samples); give at least one sample")
+    if samples is not None:
+        n = min(n, samples)
+    xs = tuple(x[:n] for x in xs)
+    for x in xs:
+        if not x.is_floating_point():
+            raise InputError(
+                f"calibration data {description} holds {x.dtype} values; give float inputs (what the model takes)"
+            )
+
+    def it() -> Iterator[Batch]:
+        for i in range(0, n, batch):
+            yield tuple(x[i:i + batch] for x in xs)
+
+    return CalibrationData(it, description=description, num_samples=n, batch=batch, sample_shape=list(xs[0].shape[1:]))
+
+
+def _model_shape(model: nn.Module | None) -> tuple[int, ...] | None:
+    if model is None:
+        return None
+    from .load import _input_shape
+
+    return _input_shape(model)
+
+
+def _check_shape(data: CalibrationData, model: nn.Module | None) -> None:
+    """The samples must have the model's input shape (when the model declares one)."""
+    want = _model_shape(model)
+    if want is None or data.sample_shape is None:
+        return
+    got = list(data.sample_shape)
+    if len(got) != len(want) - 1:
+        raise InputError(
+            f"calibration data {data.description} has samples of shape {got} but the model takes "
+            f"{list(want[1:])} (batch first: [N, {', '.join(map(str, want[1:]))}])"
+        )
+    # channels must match; spatial sizes may differ for fully convolutional models
+    if got[0] != want[1]:
+        raise InputError(
+            f"calibration data {data.description} has {got[0]} channel(s) per sample but the model takes "
+            f"{want[1]} (input shape {list(want)})"
+        )
+
+
+def _timm_cfg(model: nn.Module | None) -> Mapping[str, Any]:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping):
+            return cfg
+    return {}
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _image_data(
+    folder: Path, *, samples: int | None, batch: int, size: int | Sequence[int] | None,
+    mean: Sequence[float] | None, std: Sequence[float] | None, model: nn.Module | None,
+) -> CalibrationData:
+    files = _image_files(folder)
+    if not files:
+        raise InputError(
+            f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...); "
+            "point --calib at a folder of images or a tensor file"
+        )
+    if samples is not None:
+        files = files[:samples]
+    cfg = _timm_cfg(model)
+    shape = _model_shape(model)
+    channels = 3
+    if cfg.get("input_size"):
+        channels = int(cfg["input_size"][0])
+    elif shape is not None and len(shape) == 4:
+        channels = int(shape[1])
+    if size is None:
+        if cfg.get("input_size"):
+            size = tuple(int(s) for s in cfg["input_size"][-2:])
+        elif shape is not None and len(shape) == 4:
+            size = (int(shape[2]), int(shape[3]))
+        else:
+            raise InputError(
+                f"calibration folder {folder}: cannot tell the image size the model takes; pass size= (e.g. 224)"
+            )
+    hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(hw) < 1:
+        raise InputError(f"image size must be positive, got {hw}")
+    mean_t = torch.tensor(list(mean if mean is not None else cfg.get("mean", (0.0,) * channels)), dtype=torch.float32)
+    std_t = torch.tensor(list(std if std is not None else cfg.get("std", (1.0,) * channels)), dtype=torch.float32)
+    for name, v in (("mean", mean_t), ("std", std_t)):
+        if v.numel() not in (1, channels):
+            raise InputError(f"image {name} has {v.numel()} values but the model takes {channels} channel(s)")
+    if (std_t == 0).any():
+        raise InputError("image std has a zero entry; every channel needs a positive std")
+    crop_pct = float(cfg.get("crop_pct", _IMAGENET_CROP_PCT if cfg else 1.0))
+    mode = "L" if channels == 1 else "RGB"
+    if channels not in (1, 3):
+        raise InputError(f"the model takes {channels}-channel inputs; image folders give 1 (L) or 3 (RGB) channels")
+
+    def load_one(p: Path) -> Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(p) as im:
+                im = im.convert(mode)
+                w, h = im.size
+                scale = (min(hw) / crop_pct) / min(w, h)
+                nw, nh = max(hw[1], round(w * scale)), max(hw[0], round(h * scale))
+                im = im.resize((nw, nh), Image.BILINEAR)
+                left, top = (nw - hw[1]) // 2, (nh - hw[0]) // 2
+                im = im.crop((left, top, left + hw[1], top + hw[0]))
+                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types
+            raise InputError(f"cannot read image {p} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); remove or fix it") from None
+        x = data.reshape(hw[0], hw[1], channels).permute(2, 0, 1).float() / 255.0
+        return (x - mean_t.reshape(-1, 1, 1)) / std_t.reshape(-1, 1, 1)
+
+    def it() -> Iterator[Batch]:
+        for i in range(0, len(files), batch):
+            yield (torch.stack([load_one(p) for p in files[i:i + batch]]),)
+
+    return CalibrationData(
+        it, description=f"{folder} ({len(files)} images, {hw[0]}x{hw[1]})", num_samples=len(files),
+        batch=batch, sample_shape=[channels, *hw],
+    )
+
+
+def _as_batch(item: Any, spec: str, index: int) -> Batch:
+    if isinstance(item, Tensor):
+        x = item
+    elif isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
+        x = item[0]
+    elif isinstance(item, Mapping) and isinstance(item.get("input", item.get("x")), Tensor):
+        x = item.get("input", item.get("x"))
+    else:
+        raise InputError(
+            f"calibration callable '{spec}' yielded a {type(item).__name__} as batch {index}; yield tensors "
+            "[B, ...] or (inputs, labels) pairs"
+        )
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise InputError(f"calibration callable '{spec}' yielded an empty batch ({list(x.shape)}) as batch {index}")
+    if not x.is_floating_point():
+        raise InputError(f"calibration callable '{spec}' yielded {x.dtype} inputs as batch {index}; yield float tensors")
+    return (x,)
+
+
+def _callable_data(spec: str, *, samples: int | None, batch: int) -> CalibrationData:
+    from .load import resolve_callable
+
+    fn = resolve_callable(spec)
+
+    def it() -> Iterator[Batch]:
+        try:
+            source = fn()
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"calibration callable '{spec}' raised {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}") from None
+        if isinstance(source, Tensor):
+            source = [source]
+        if not isinstance(source, Iterable):
+            raise InputError(f"calibration callable '{spec}' returned a {type(source).__name__}; return an iterable of batches")
+        left = samples
+        count = 0
+        for i, item in enumerate(source):
+            (x,) = _as_batch(item, spec, i)
+            # re-batch to at most `batch` samples per step (memory is bounded by the batch)
+            for j in range(0, x.shape[0], batch):
+                piece = x[j:j + batch]
+                if left is not None:
+                    piece = piece[:left]
+                    left -= piece.shape[0]
+                if piece.shape[0]:
+                    count += piece.shape[0]
+                    yield (piece,)
+                if left is not None and left <= 0:
+                    return
+        if count == 0:
+            raise InputError(f"calibration callable '{spec}' yielded no batches; return at least one batch")
+
+    return CalibrationData(it, description=f"{spec} (callable)", num_samples=None, batch=batch)
+
+
+def calibration_batches(
+    spec: str | Path | Tensor | Sequence[Tensor],
+    *,
+    samples: int | None = None,
+    batch: int = 32,
+    size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    model: nn.Module | None = None,
+) -> CalibrationData:
+    """The input batches named by ``spec`` (see the module docstring); at most ``samples`` samples,
+    ``batch`` per batch. ``model`` (optional) supplies image preprocessing defaults and the expected
+    input shape to check against."""
+    _check_counts(samples, batch)
+    if isinstance(spec, Tensor) or (isinstance(spec, (tuple, list)) and spec and all(isinstance(t, Tensor) for t in spec)):
+        xs = [spec] if isinstance(spec, Tensor) else list(spec)
+        if xs[0].dim() == 0:
+            raise InputError("calibration tensor is a scalar; give a batch [N, ...]")
+        data = _tensors_data(xs, f"tensor {list(xs[0].shape)}", samples, batch)
+        _check_shape(data, model)
+        return data
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise InputError("--calib is empty; give 'digits', a tensor file, an image folder or module:callable")
+    text = str(spec).strip()
+    if text == "digits":
+        from .models.digits import load_digits
+
+        x, _ = load_digits("train")
+        data = _tensors_data([x], "digits train split", samples, batch)
+        _check_shape(data, model)
+        return data
+    p = Path(text).expanduser()
+    if p.is_dir():
+        data = _image_data(p, samples=samples, batch=batch, size=size, mean=mean, std=std, model=model)
+        _check_shape(data, model)
+        return data
+    if p.suffix.lower() in TENSOR_SUFFIXES or p.is_file():
+        if not p.exists():
+            raise InputError(f"calibration file {p} does not exist; check the path")
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            raise InputError(f"calibration data {p} is a single image; point --calib at the folder holding the images")
+        from .load import load_tensor_file
+
+        loaded = load_tensor_file(p)
+        xs = [loaded] if isinstance(loaded, Tensor) else list(loaded)
+        if xs[0].dim() < 1:
+            raise InputError(f"calibration file {p} holds a scalar; save a batch [N, ...]")
+        data = _tensors_data(xs, str(p), samples, batch)
+        _check_shape(data, model)
+        return data
+    if ":" in text:
+        return _callable_data(text, samples=samples, batch=batch)
+    raise InputError(
+        f"calibration data '{text}' not found; give 'digits', a tensor file (.pt/.npy/.safetensors), "
+        "an image folder or module:callable"
+    )
+
+
+def shard(batch: Batch, rank: int, world_size: int) -> Batch:
+    """This rank's contiguous slice of every tensor of ``batch`` (sizes differ by at most one).
+
+    Contiguous slices keep the union of the shards equal to the batch, in order, so per-channel sums
+    all-reduced over ranks equal the single-process sums."""
+    if world_size <= 1:
+        return batch
+    n = int(batch[0].shape[0])
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return tuple(t[start:stop] for t in batch)
+
+
+def as_batches(batches: Any) -> Iterable[Batch]:
+    """Accept a CalibrationData, a tensor (one batch), or any iterable of tensors / tuples."""
+    if isinstance(batches, Tensor):
+        return [(batches,)]
+    if isinstance(batches, CalibrationData):
+        return batches
+    return _Normalized(batches)
+
+
+class _Normalized:
+    """Re-iterable view turning tensors / (x, labels) items into input tuples."""
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self.source:
+            if isinstance(item, Tensor):
+                yield (item,)
+            elif isinstance(item, (tuple, list)) and item and all(isinstance(t, Tensor) for t in item):
+                yield tuple(item)
+            else:
+                raise InputError(f"a calibration batch is a {type(item).__name__}; give tensors or tuples of tensors")
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]

@@ -1,0 +1,143 @@
+"""Comparing targets (normswap.compare), the agreement metric, batch independence, the `normswap
+compare` command, and DP training with Opacus on a swapped model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import normswap
+from normswap.calibrate import agreement
+from normswap.checks import batch_independence
+from normswap.compare import compare_targets
+from normswap.data import calibration_batches
+from normswap.errors import InputError
+from normswap.models.digits import digits_resnet, load_digits
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def original() -> nn.Module:
+    return digits_resnet()
+
+
+def test_agreement_metric(original):
+    x, _ = load_digits("test")
+    same = agreement(original, original, x)
+    assert same == {"top1_agreement": 1.0, "rel_err": 0.0}
+
+    class Flipped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).flip(1)
+
+    flipped = agreement(original, Flipped(original), [x[:100], x[100:]])
+    assert flipped["top1_agreement"] < 0.2 and flipped["rel_err"] > 0.5
+    assert not original.training
+
+
+def test_compare_targets(original):
+    x, _ = load_digits("test")
+    calib = calibration_batches("digits", samples=256, batch=32)
+    rep = compare_targets(original, ["fold", "ln", "frozen", "bin"], (x[:1],), calib=calib, heldout=[x],
+                          heldout_name="digits test", runs=5, rounds=2, model_name="digits")
+    rows = {r.target: r for r in rep.rows}
+    assert list(rows) == ["fold", "ln", "frozen", "bin"] and all(r.status == "ok" for r in rows.values())
+    assert rows["fold"].latency_vs_fold == 1.0 and all(r.latency_ms > 0 for r in rows.values())
+    assert rows["fold"].params < rows["ln"].params  # folding removes the BN parameters
+    assert rows["ln"].batch_independent and rows["frozen"].batch_independent and not rows["bin"].batch_independent
+    assert rows["frozen"].exact_promised and rows["frozen"].naive_rel_err < 1e-5 and rows["frozen"].agreement == 1.0
+    assert not rows["ln"].exact_promised and rows["ln"].naive_rel_err > 0.5
+    assert rows["ln"].calibrated and rows["ln"].agreement >= 0.99 and 0 < rows["ln"].drift_mean < rows["ln"].drift_max
+    assert not rows["bin"].calibrated  # exact at ρ = 1: nothing to calibrate
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["targets"][1]["target"] == "ln"
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(rep)
+    assert "ORT latency" in console.export_text()
+    with pytest.raises(InputError, match="unknown target"):
+        compare_targets(original, ["gn", "batchnorm9"], (x[:1],), latency=False)
+
+
+def test_compare_command_json(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.compare_cmd import compare as compare_cmd
+
+    app = typer.Typer()
+    app.command("compare")(compare_cmd)
+    app.command("noop")(lambda: None)
+    r = CliRunner().invoke(app, ["compare", "--targets", "fold,gn,in", "--calib", "digits", "--calib-samples", "64",
+                                 "--no-latency", "--json", "--report", str(tmp_path / "cmp.json")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [t["target"] for t in out["targets"]] == ["fold", "gn", "in"]
+    assert out["evaluated_on"].startswith("the digits test split")
+    in_row = out["targets"][2]
+    assert in_row["refused"] == 1 and in_row["batch_independent"] is False  # the [N, C] head BN stays
+    assert json.loads((tmp_path / "cmp.json").read_text()) == out
+    bad = CliRunner().invoke(app, ["compare", "--targets", "fold,nope", "--no-latency"])
+    assert bad.exit_code == 2 and "unknown target" in bad.output
+
+
+# ----------------------------------------------------------------------------------- Opacus
+
+
+@pytest.mark.parametrize("to", ["gn", "gn-ws", "ln", "ln-channels"])
+def test_opacus_accepts_batch_independent_swaps(original, to):
+    validators = pytest.importorskip("opacus.validators")
+    model = normswap.convert(original, to, (torch.zeros(2, 1, 8, 8),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert validators.ModuleValidator.validate(model.train(), strict=True) == []
+    assert batch_independence(model, (1, 1, 8, 8)).independent
+
+
+def test_opacus_validator_is_not_proof_of_batch_independence(original):
+    """Opacus only knows its own layer list: it accepts Switchable Norm and weight norm + mean-only BN,
+    which use batch statistics in training. normswap's batch-independence probe catches them; 'in'
+    leaves the [N, C] head BN (instance norm needs spatial dims), which Opacus does reject."""
+    validators = pytest.importorskip("opacus.validators")
+    x = load_digits("test")[0][:8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for to in ("sn", "wn"):
+            model = normswap.convert(original, to, (x[:2],))
+            assert validators.ModuleValidator.validate(model.train(), strict=False) == []
+            assert not batch_independence(model, (1, 1, 8, 8)).independent, to
+        errors = validators.ModuleValidator.validate(normswap.convert(original, "in", (x[:2],)).train(), strict=False)
+    assert errors and "BatchNorm" in str(errors[0])
+
+
+def test_dp_training_example_runs():
+    pytest.importorskip("opacus")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "dp_train_opacus.py"
+    spec = importlib.util.spec_from_file_location("dp_train_opacus", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--steps", "3", "--calib-samples", "128"])
+    assert out["ok"] and 0 < out["epsilon"] < 10 and out["steps"] == 3
+    assert out["accuracy"] > 0.8  # a few DP-SGD steps from the calibrated swap, not from scratch
+    refused = mod.main(["--to", "sn", "--steps", "1"])
+    assert not refused["ok"] and not refused["independent"]
