@@ -137,7 +137,9 @@ def propagate_shapes(cap: Capture, example_inputs: tuple[Any, ...]) -> None:
     bound to its placeholders keeps ``shapes_known = False``."""
     if not cap.parts or all(p.shapes_known for p in cap.parts):
         return
-    was_training = cap.root.training
+    # restore every module's own flag afterwards (not root.train(was)): the root may share
+    # layers with a caller whose modes must not change
+    flags = [(m, m.training) for m in cap.root.modules()]
     cap.root.eval()
     try:
         if cap.whole:
@@ -156,7 +158,8 @@ def propagate_shapes(cap: Capture, example_inputs: tuple[Any, ...]) -> None:
                 continue
             part.shapes_known = True
     finally:
-        cap.root.train(was_training)
+        for m, flag in flags:
+            m.training = flag
 
 
 def _record_part_inputs(cap: Capture, example_inputs: tuple[Any, ...]) -> None:

@@ -191,28 +191,54 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspo
 
 
 def _copy_sharing_weights(model: nn.Module) -> tuple[nn.Module, set[int]]:
-    """Deep-copy ``model`` except the weights of the layers a fold may replace, which stay shared.
+    """Deep-copy ``model`` except its Conv/ConvTranspose/Linear layers, which stay shared objects.
 
-    Folding builds *new* weight tensors for those layers, so copying their old weights first
-    (as ``copy.deepcopy`` + torch.fx's ``fuse`` do) is wasted memory traffic; :func:`_unshare`
-    copies whatever is still shared at the end, so the result never aliases the caller's model.
+    The fold never mutates them — it builds new modules with new weight tensors — and they hold no
+    state a forward pass changes, so copying them first (as ``copy.deepcopy`` + torch.fx's ``fuse``
+    do) is wasted work; :func:`_unshare` copies whatever of the caller's model is still referenced
+    at the end, so the result never aliases it.  (BatchNorms are copied: a forward pass in
+    training mode would update their statistics.)  Nothing here may flip a shared layer's
+    ``training`` flag: see :func:`_eval_owned`.
+    Returns the copy and the ids of every module, parameter and buffer of the caller's model.
     """
     memo: dict[int, object] = {}
     for m in model.modules():
         if isinstance(m, _WEIGHTED):
-            for p in m._parameters.values():
-                if p is not None:
-                    memo[id(p)] = p
-    shared = set(memo)
-    return copy.deepcopy(model, memo), shared
+            memo[id(m)] = m
+    owned = {id(m) for m in model.modules()} | {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    return copy.deepcopy(model, memo), owned
 
 
-def _unshare(model: nn.Module, shared: set[int]) -> nn.Module:
-    """Replace every parameter still shared with the caller's model by a copy."""
+def _eval_owned(model: nn.Module, owned: set[int]) -> nn.Module:
+    """``model.eval()`` for every module that is not the caller's (shared layers keep their flag)."""
     for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and id(p) in shared:
+        if id(m) not in owned:
+            m.training = False
+    return model
+
+
+def _unshare(model: nn.Module, owned: set[int]) -> nn.Module:
+    """Replace every module still belonging to the caller's model by a copy (one copy per object,
+    so a layer used at two places stays one layer)."""
+    copies: dict[int, nn.Module] = {}
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        for name, child in list(m._modules.items()):
+            if child is None:
+                continue
+            if id(child) in owned:
+                if id(child) not in copies:
+                    copies[id(child)] = copy.deepcopy(child)
+                m._modules[name] = copies[id(child)]
+            else:
+                stack.append(child)
+        for name, p in list(m._parameters.items()):  # e.g. a folded layer's untouched extra params
+            if p is not None and id(p) in owned:
                 m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and id(b) in owned:
+                m._buffers[name] = b.detach().clone()
     return model
 
 
@@ -241,7 +267,7 @@ def fold(
     ``skip`` names sites to leave alone (used to re-apply a saved conversion faithfully).
     """
     work, shared = _copy_sharing_weights(model)
-    work.eval()
+    _eval_owned(work, shared)
     cap = capture(work)
     if example_inputs is not None and _needs_shapes(cap):
         propagate_shapes(cap, example_inputs)

@@ -370,3 +370,20 @@ def test_result_shares_no_tensor_with_the_callers_model():
             p.add_(1.0)
     assert not torch.isnan(model[0].weight).any()
     assert [a.action for a in res.actions] == ["into-producer", "refuse"]
+
+
+def test_result_shares_no_module_with_the_callers_model():
+    """Kept activations (a PReLU with a parameter) and refused BNs are copies, not the caller's objects."""
+    timm_layers = pytest.importorskip("timm.layers")
+    bad = nn.BatchNorm2d(8, track_running_stats=False)  # refused: stays, and must be a copy
+    shared_lin = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), randomize_bn(timm_layers.BatchNormAct2d(8, act_layer=nn.PReLU)),
+                          nn.Conv2d(8, 8, 1), bad, nn.AdaptiveAvgPool2d(1), nn.Flatten(), shared_lin, shared_lin).eval()
+    res = _check(model, torch.randn(2, 3, 6, 6))
+    mine = {id(m) for m in model.modules()} | {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+    theirs = {id(m) for m in res.model.modules()} | {id(p) for p in res.model.parameters()} | {id(b) for b in res.model.buffers()}
+    assert not mine & theirs
+    ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    assert not ptrs & {t.data_ptr() for t in list(res.model.parameters()) + list(res.model.buffers())}
+    lins = [m for m in res.model.modules() if isinstance(m, nn.Linear)]
+    assert len({id(m) for m in lins}) == 1, "a layer used twice must stay one layer"
