@@ -125,13 +125,6 @@ class SwitchableNorm(nn.Module):
         y = y * self.weight.reshape(1, -1, 1) + self.bias.reshape(1, -1, 1)
         return y.reshape(x.shape)
 
-    def export_form(self) -> nn.Module:
-        """The eval function with every constant pre-combined (see :class:`SwitchableNormEval`);
-        ``self`` when it has no running statistics (its eval uses batch statistics)."""
-        if not self.track_running_stats or len(self.branches) != 3:
-            return self
-        return SwitchableNormEval(self)
-
     @classmethod
     def from_bn(
         cls, bn: nn.Module, spatial_dims: int, mix_init: float = DEFAULT_MIX_INIT
@@ -182,38 +175,3 @@ SN = register(NormTarget(
     check=_check,
 ))
 
-
-class SwitchableNormEval(nn.Module):
-    """Eval-mode Switchable Norm for export, algebraically equal to ``SwitchableNorm.eval()``:
-
-        μ  = w_IN μ_IN + w_LN μ_LN + w_BN μ_run           σ² = w'_IN σ²_IN + w'_LN σ²_LN + w'_BN σ²_run
-        y  = x · a + b,   a = γ / √(σ² + ε),   b = β − μ · a       (a, b: one value per sample and channel)
-
-    The mixture weights, the BN branch (running statistics) and the affine are folded into
-    per-channel constants, and the output is one multiply-add over x instead of a subtract, a
-    scale and an affine — fewer full passes over the activation in onnxruntime.
-    """
-
-    def __init__(self, sn: SwitchableNorm) -> None:
-        super().__init__()
-        with torch.no_grad():
-            w, wv = sn.mixture_weights()
-            self.w_in, self.w_ln = float(w[0]), float(w[1])
-            self.v_in, self.v_ln = float(wv[0]), float(wv[1])
-            self.register_buffer("bn_mean", (w[2] * sn.running_mean).detach().reshape(1, -1, 1).clone())
-            self.register_buffer("bn_var", (wv[2] * sn.running_var + sn.eps).detach().reshape(1, -1, 1).clone())
-            self.register_buffer("weight", sn.weight.detach().reshape(1, -1, 1).clone())
-            self.register_buffer("bias", sn.bias.detach().reshape(1, -1, 1).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[0], x.shape[1]
-        xf = x.reshape(n, c, -1)
-        mean_in = xf.mean(-1, keepdim=True)
-        d = xf - mean_in
-        var_in = (d * d).mean(-1, keepdim=True)  # two-pass variance: no E[x²] − μ² cancellation here
-        mean_ln = mean_in.mean(1, keepdim=True)
-        var_ln = ((var_in + mean_in * mean_in).mean(1, keepdim=True) - mean_ln * mean_ln).clamp_min(0.0)
-        mean = self.w_in * mean_in + self.w_ln * mean_ln + self.bn_mean
-        var = self.v_in * var_in + self.v_ln * var_ln + self.bn_var  # ε already inside bn_var
-        a = self.weight * torch.rsqrt(var)
-        return (xf * a + (self.bias - mean * a)).reshape(x.shape)

@@ -165,25 +165,3 @@ def test_bn_without_running_stats_uses_batch_stats_in_eval() -> None:
     w, wv = sn.mixture_weights()
     assert rel_err(sn.eval()(x), ref_sn(x, w, wv, torch.ones(6), torch.zeros(6), bn.eps)) <= 1e-5
 
-
-@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
-def test_export_form_equals_eval_forward(spatial_dims):
-    from normswap.norms.switchable import SwitchableNorm, SwitchableNormEval
-
-    torch.manual_seed(spatial_dims)
-    bn = nn.BatchNorm2d(8)
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_()
-    sn = SwitchableNorm.from_bn(bn, spatial_dims).eval()
-    with torch.no_grad():
-        sn.mean_logits.normal_()
-        sn.var_logits.normal_()
-    ef = sn.export_form()
-    assert isinstance(ef, SwitchableNormEval)
-    x = torch.randn(3, 8, *([5] * spatial_dims)) * 2 + 1
-    with torch.no_grad():
-        ref, out = sn(x).double(), ef(x).double()
-    assert float((ref - out).abs().max() / ref.abs().max()) < 1e-5
