@@ -63,8 +63,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +74,7 @@ from torch.utils import _pytree as pytree
 
 from .data import as_batches, shard
 from .errors import InputError, NormswapError
+from .parity import eval_mode
 
 __all__ = [
     "LOW_R2",
@@ -729,19 +729,6 @@ class CalibrationReport:
 # the pass
 
 
-@contextmanager
-def _eval_no_grad(*models: nn.Module) -> Iterator[None]:
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
 def _leaves(out: Any) -> list[Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
 
@@ -924,7 +911,7 @@ def calibrate(
             f.enter()
             entered.append(f)
         handles = [_inner(smods[n]).register_forward_hook(student_hook(n, f)) for n, f in fits.items()]
-        with _eval_no_grad(teacher, student):
+        with eval_mode(teacher, student):
             for p in range(passes):
                 if p > 0:
                     for f in fits.values():
@@ -1050,7 +1037,7 @@ def agreement(original: nn.Module, model: nn.Module, inputs: Any, *, dist: Any =
     active, group, rank, world = _dist_group(dist)
     agg = _Agreement()
     device = _model_device(model)
-    with _eval_no_grad(original, model):
+    with eval_mode(original, model):
         for batch in data:
             if active:
                 if int(batch[0].shape[0]) < world:
@@ -1066,7 +1053,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch: int = 256) -> flo
     """Top-1 accuracy of ``model`` (eval mode, training flags restored) on labelled data."""
     correct = 0
     device = _model_device(model)
-    with _eval_no_grad(model):
+    with eval_mode(model):
         for i in range(0, len(x), batch):
             out = model(x[i:i + batch].to(device))
             correct += int((_leaves(out)[0].argmax(1).cpu() == y[i:i + batch]).sum())
@@ -1104,7 +1091,7 @@ def layer_drift(original: nn.Module, model: nn.Module, inputs: Any, *, sites: Se
     handles = [_inner(smods[n]).register_forward_hook(hook(n)) for n in names]
     device = _model_device(model)
     try:
-        with _eval_no_grad(teacher, model):
+        with eval_mode(teacher, model):
             for batch in as_batches(inputs):
                 batch = _to(batch, device)
                 teacher(*batch)

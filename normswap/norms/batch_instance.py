@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from .registry import NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
+from .registry import copy_affine_, copy_running_stats_, NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
 
 
 class BatchInstanceNorm(nn.Module):
@@ -90,14 +90,9 @@ class BatchInstanceNorm(nn.Module):
         """γ, β, running statistics and hyper-parameters from ``bn``; ρ = 1 reproduces ``bn`` exactly."""
         s = bn_state(bn)
         new = cls(s.num_features, s.eps, s.momentum, s.track_running_stats, rho_init=rho)
-        with torch.no_grad():
-            new.weight.copy_(s.weight)
-            new.bias.copy_(s.bias)
-            if s.track_running_stats:
-                new.running_mean.copy_(s.running_mean)
-                new.running_var.copy_(s.running_var)
-                if s.num_batches_tracked is not None:
-                    new.num_batches_tracked.copy_(s.num_batches_tracked)
+        copy_affine_(new, s)
+        if s.track_running_stats:
+            copy_running_stats_(new, s)
         return like_bn(new, bn)
 
     def extra_repr(self) -> str:

@@ -239,3 +239,12 @@ def copy_affine_(norm: nn.Module, state: BNState) -> None:
         norm.weight.copy_(state.weight)
         norm.bias.copy_(state.bias)
 
+
+
+def copy_running_stats_(norm: nn.Module, state: BNState) -> None:
+    """Copy running mean/var (and the step count when both track it) into ``norm``'s buffers."""
+    with torch.no_grad():
+        norm.running_mean.copy_(state.running_mean)
+        norm.running_var.copy_(state.running_var)
+        if state.num_batches_tracked is not None and getattr(norm, "num_batches_tracked", None) is not None:
+            norm.num_batches_tracked.copy_(state.num_batches_tracked)

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from .registry import NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
+from .registry import copy_affine_, copy_running_stats_, NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
 
 DEFAULT_MIX_INIT = 0.9
 
@@ -133,14 +133,9 @@ class SwitchableNorm(nn.Module):
         s = bn_state(bn)
         new = cls(s.num_features, spatial_dims, s.eps, s.momentum, s.track_running_stats)
         new.set_mixture_(mix_init)
-        with torch.no_grad():
-            new.weight.copy_(s.weight)
-            new.bias.copy_(s.bias)
-            if s.track_running_stats:
-                new.running_mean.copy_(s.running_mean)
-                new.running_var.copy_(s.running_var)
-                if s.num_batches_tracked is not None:
-                    new.num_batches_tracked.copy_(s.num_batches_tracked)
+        copy_affine_(new, s)
+        if s.track_running_stats:
+            copy_running_stats_(new, s)
         return like_bn(new, bn)
 
     def extra_repr(self) -> str:
