@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,12 +18,7 @@ from normswap.errors import InputError
 from normswap.models.digits import digits_resnet, load_digits
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a busy box: the thread pool only adds latency
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

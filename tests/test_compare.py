@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ from normswap.errors import InputError
 from normswap.models.digits import digits_resnet, load_digits
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,12 +18,7 @@ from normswap.models.digits import digits_resnet, load_digits
 from normswap.recover import STATE_FILE, keep_function, recover
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

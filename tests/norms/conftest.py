@@ -1,17 +1,11 @@
-"""Run the norm tests single-threaded: the tensors are tiny, and on a busy 2-core machine torch's
-intra-op thread pool made a [16, 16] BatchNorm call take ~90 ms instead of ~0.03 ms."""
+"""Every norm test runs single-threaded (see ``single_thread`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
+
 
 
 @pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(single_thread: None) -> None:
+    return None
