@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from .atomic import staging_dir
 from .capture import trace
 from .errors import InputError, ParityError
 from .passes import PassResult
-from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult, compare, first_divergence
+from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult, compare, eval_mode, first_divergence
 
 __all__ = [
     "inspect",
@@ -72,7 +71,7 @@ class Conversion:
         """The first graph node where this rewrite and ``original`` disagree (None if none found)."""
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(*input_shape, generator=g)
-        return _divergence(copy.deepcopy(original).eval(), self, (x,), atol=atol, rtol=rtol)
+        return _divergence(original, self, (x,), atol=atol, rtol=rtol)
 
     def summary(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -159,9 +158,10 @@ def rewrite(
     options = {"groups": groups} if to != "fold" and groups is not None else {}
     reference, ref_out = None, None
     if inputs is not None:
-        # one run of (a copy of) the original: bad example inputs are the user's to fix, and its
-        # output is what an exact rewrite must reproduce
-        reference = copy.deepcopy(model).eval()
+        # one eval run of the original (flags restored, no grad: nothing of the caller's changes):
+        # bad example inputs are the user's to fix, and its output is what an exact rewrite must
+        # reproduce
+        reference = model
         ref_out = _run_reference(reference, inputs)
     result = _run_pass(model, to, inputs, options, skip)
     conv = Conversion(
@@ -175,7 +175,7 @@ def rewrite(
 
 def _run_reference(reference: nn.Module, inputs: tuple[Any, ...]) -> Any:
     try:
-        with torch.no_grad():
+        with eval_mode(reference):
             return reference(*inputs)
     except Exception as e:
         shapes = ", ".join(str(list(x.shape)) for x in inputs if isinstance(x, Tensor))
@@ -221,7 +221,8 @@ def _divergence(reference: nn.Module, conv: Conversion, inputs: tuple[Any, ...],
     if "" not in conv.result.graphs:
         return None
     try:
-        return first_divergence(trace(reference), conv.result.graphs[""], conv.result.node_maps.get("", {}), inputs, atol=atol, rtol=rtol)
+        with eval_mode(reference):
+            return first_divergence(trace(reference), conv.result.graphs[""], conv.result.node_maps.get("", {}), inputs, atol=atol, rtol=rtol)
     except Exception:  # naming the node is a diagnostic nicety; never mask the parity failure
         return None
 
@@ -230,13 +231,14 @@ def inspect(
     model: nn.Module, example_inputs: Tensor | Sequence[Any] | None = None, *, to: str = "fold", **options: Any
 ) -> list[dict[str, Any]]:
     """Every norm site — name, type, producer, consumers — and what ``to`` would do there (or why
-    not), from a dry run of the pass on a copy."""
+    not), from a dry run of the pass (which works on a copy)."""
     from .capture import capture
     from .sites import find_sites
 
     inputs = _as_inputs(example_inputs)
-    work = copy.deepcopy(model).eval()
-    sites = {s.name: s.describe() for s in find_sites(capture(work, inputs))}
+    # capture only reads: tracing shares the modules, the shape pass runs in eval mode under
+    # no_grad and restores every module's flag — no copy needed for the descriptions
+    sites = {s.name: s.describe() for s in find_sites(capture(model, inputs))}
     result = _run_pass(model, to, inputs, {k: v for k, v in options.items() if v is not None}, ())
     rows = []
     for a in result.actions:

@@ -24,6 +24,10 @@ def _net() -> nn.Module:
 def test_convert_returns_new_module_and_leaves_caller_alone():
     model = _net()
     snap = snapshot(model)
+    trained = normswap.convert(model.train(), to="fold", example_inputs=(torch.randn(2, 3, 8, 8),))
+    assert same_state(model, snap) and all(m.training for m in model.modules()), "verification changed the caller"
+    model.eval()
+    assert not trained.training
     x = torch.randn(2, 3, 8, 8)
     out = normswap.convert(model, to="fold", example_inputs=(x,))
     assert out is not model and same_state(model, snap)
@@ -93,7 +97,10 @@ def test_load_conversion_errors(tmp_path):
 
 
 def test_inspect_lists_every_site_with_producer():
-    rows = normswap.inspect(_net(), (torch.randn(2, 3, 8, 8),))
+    model = _net().train()
+    snap = snapshot(model)
+    rows = normswap.inspect(model, (torch.randn(2, 3, 8, 8),))
+    assert same_state(model, snap) and all(m.training for m in model.modules())
     assert [r["name"] for r in rows] == ["1", "4", "9"]
     assert rows[0]["producer"].startswith("0 (Conv2d)") and rows[2]["action"] == "into-producer"
 
