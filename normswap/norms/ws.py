@@ -19,6 +19,9 @@ it returns a plain ``nn.ConvNd`` with Ŵ baked in, which exports as a single ONN
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -68,7 +71,8 @@ class _WSConvMixin:
         return standardize(self.weight, self.eps, len(self.kernel_size) + 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+        w = self.__dict__.get("_ws_frozen")  # set only inside standardized_once()
+        return self._conv_forward(x, w if w is not None else self.standardized_weight(), self.bias)
 
     def export_form(self) -> nn.Module:
         """A plain nn.ConvNd computing the same function, Ŵ baked in (standardized in float64)."""
@@ -135,6 +139,22 @@ class WSConv3d(_WSConvMixin, nn.Conv3d):
     def __init__(self, *args, eps: float = DEFAULT_EPS, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._ws_init(eps)
+
+
+@contextlib.contextmanager
+def standardized_once(model: nn.Module) -> Iterator[None]:
+    """Inside the block every WS conv of ``model`` uses Ŵ computed once on entry, instead of
+    re-standardizing its weight in every forward (calibration runs many no-grad forwards while only
+    the norms' γ, β change). The weights must not change inside the block; the cache is dropped on exit."""
+    convs = [m for m in model.modules() if isinstance(m, _WSConvMixin)]
+    try:
+        with torch.no_grad():
+            for m in convs:
+                m.__dict__["_ws_frozen"] = m.standardized_weight().detach()
+        yield
+    finally:
+        for m in convs:
+            m.__dict__.pop("_ws_frozen", None)
 
 
 _WS_FOR = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
