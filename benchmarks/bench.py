@@ -6,6 +6,7 @@ tools a user would otherwise reach for, all measured in the same run.
     python benchmarks/bench.py --quick               # smoke run: resnet18, few repeats (< 2 min)
     python benchmarks/bench.py --targets fold,gn-ws,ln,sn --json out.json
     python benchmarks/bench.py --targets all         # every target in normswap.targets()
+    python benchmarks/bench.py --models none --calib-targets gn,gn-ws,ln   # calibration cost only
 
 What is compared (every ratio is normswap / baseline, so < 1 means normswap is faster/smaller):
 
@@ -33,6 +34,15 @@ What is compared (every ratio is normswap / baseline, so < 1 means normswap is f
    (median of --swap-repeats), export time, node count, and batch-1 onnxruntime latency of the
    swapped ONNX as a ratio to the BN-folded ONNX of the same model (measured interleaved).
    A target that raises is skipped with a note.
+5. Calibration cost (``--calib-targets``, ``--calib-models``): ``normswap.calibrate.calibrate`` on a fresh
+   swap of each model vs one plain forward pass of the original (eval, no grad) over the same batches,
+   interleaved, ``--calib-repeats`` times; the ratio of the medians (the issue's target: ≤ 3×), the
+   ratio of the minima, the ratio ``calibrate`` reports itself (its wall time over the teacher's
+   forward time inside the call), and, as the alternative a user would otherwise reach for, one epoch
+   of label-free distillation (``normswap.recover.recover``, one step per batch, no augmentation) as a
+   ratio to the same forward. Data: the bundled digits model gets 256 training digits in batches of
+   64; torchvision models get 64 seeded Gaussian images of ``--calib-size``² in batches of 16 (the
+   cost does not depend on the pixel values).
 
 Models: ``torchvision.models.get_model(name, weights=None)`` (random weights; timing does not
 depend on them), eval mode, input 1x3x224x224, seed 0.
@@ -63,10 +73,12 @@ from typing import Any, Callable
 
 DEFAULT_MODELS = "resnet18,resnet50,mobilenet_v2,efficientnet_b0"
 DEFAULT_SWAP_MODELS = "resnet18,resnet50,mobilenet_v2"
+DEFAULT_CALIB_TARGETS = "gn,gn-ws,ln"
+DEFAULT_CALIB_MODELS = "digits,resnet18"
 INPUT_SHAPE = (1, 3, 224, 224)
 
 QUICK = {"models": "resnet18", "repeats": 3, "swap_repeats": 1, "latency_budget": 6.0, "min_runs": 15, "max_runs": 200,
-         "warmup": 5}
+         "warmup": 5, "calib_models": "digits", "calib_repeats": 3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,15 +112,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-fold", action="store_true", help="cProfile normswap fold and fx fuse per model and print a phase breakdown")
     p.add_argument("--json", dest="json_out", default=None, help="also write all results (raw samples included) to this JSON file")
     p.add_argument("--keep", default=None, help="keep the ONNX files in this directory (default: a temporary directory)")
+    p.add_argument("--calib-targets", default=DEFAULT_CALIB_TARGETS,
+                   help="swap targets whose calibration cost is measured ('none' to skip)")
+    p.add_argument("--calib-models", default=None,
+                   help=f"'digits' (the bundled model) and/or torchvision names (default {DEFAULT_CALIB_MODELS}; --quick: digits)")
+    p.add_argument("--calib-repeats", type=int, default=None, help="timed calibrations per (model, target) (default 5; --quick: 3)")
+    p.add_argument("--calib-size", type=int, default=112, help="image side of the torchvision models' calibration data")
     p.add_argument("--quick", action="store_true", help="fast smoke run: resnet18 only, few repeats, short latency budget")
     args = p.parse_args(argv)
 
     defaults = {"models": DEFAULT_MODELS, "repeats": 7, "swap_repeats": 3, "latency_budget": 20.0, "min_runs": 20,
-                "max_runs": 300, "warmup": 10}
+                "max_runs": 300, "warmup": 10, "calib_models": DEFAULT_CALIB_MODELS, "calib_repeats": 5}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, QUICK[k] if args.quick else v)
-    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.model_list = [] if args.models.strip() == "none" else [m.strip() for m in args.models.split(",") if m.strip()]
+    args.calib_target_list = [] if args.calib_targets.strip() in ("", "none") else [t.strip() for t in args.calib_targets.split(",") if t.strip()]
+    args.calib_model_list = [m.strip() for m in args.calib_models.split(",") if m.strip()]
     args.swap_model_list = [m.strip() for m in args.swap_models.split(",") if m.strip()]
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.batch_list = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -116,10 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for b in args.baseline_list:
         if b not in ("torchscript", "dynamo"):
             p.error(f"unknown baseline {b!r}; use torchscript, dynamo or none")
+    if args.calib_repeats < 1 or args.calib_size < 8:
+        p.error("--calib-repeats must be positive and --calib-size at least 8")
     if args.repeats < 1 or args.swap_repeats < 1 or args.threads < 1 or not args.batch_list or min(args.batch_list) < 1:
         p.error("--repeats, --swap-repeats, --threads and batch sizes must be positive")
-    if not args.model_list:
-        p.error("--models is empty")
+    if not args.model_list and not args.calib_target_list:
+        p.error("nothing to measure: --models none and --calib-targets none")
     return args
 
 
@@ -563,6 +585,86 @@ def bench_swap(model: Any, x: Any, target: str, path: Path, folded_onnx: Path | 
 
 
 # ---------------------------------------------------------------------------------------------
+# calibration cost
+
+
+def calib_setup(name: str, size: int) -> tuple[Any, list[tuple[Any, ...]]]:
+    """(original model in eval mode, calibration batches) for section 5."""
+    import torch
+
+    if name == "digits":
+        from normswap.data import calibration_batches
+        from normswap.models.digits import digits_resnet
+
+        return digits_resnet(), list(calibration_batches("digits", samples=256, batch=64))
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():  # trained-looking statistics instead of the init's 0 / 1
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model, [(torch.randn(16, 3, size, size, generator=g),) for _ in range(4)]
+
+
+def bench_calibration(name: str, targets: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import normswap
+    from normswap.calibrate import calibrate
+    from normswap.recover import recover
+
+    model, batches = calib_setup(name, args.calib_size)
+    samples = sum(int(b[0].shape[0]) for b in batches)
+    r: dict[str, Any] = {"model": name, "samples": samples, "batches": len(batches),
+                         "input": list(batches[0][0].shape[1:]), "targets": []}
+
+    def forward() -> None:
+        with torch.no_grad():
+            for b in batches:
+                model(*b)
+
+    forward()  # warm-up
+    for tgt in targets:
+        res: dict[str, Any] = {"target": tgt}
+        try:
+            fwd, cal, own = [], [], []
+            for i in range(args.calib_repeats + 1):  # the first round is a warm-up
+                conv = normswap.rewrite(model, tgt, (batches[0][0][:2],), verify=False)
+                f, _ = timed(forward)
+                c, rep = timed(lambda: calibrate(model, conv, batches))
+                if i == 0:
+                    continue
+                fwd.append(f)
+                cal.append(c)
+                if rep.cost_ratio is not None:
+                    own.append(rep.cost_ratio)
+
+            def kd_epoch() -> float:
+                student = normswap.rewrite(model, tgt, (batches[0][0][:2],), verify=False)
+                with quiet():
+                    t, _ = timed(lambda: recover(model, student, batches, steps=len(batches), augment=False, progress=False))
+                return t
+
+            kd_epoch()  # warm-up
+            kd = [kd_epoch()]
+            fwd.append(timed(forward)[0])
+            res.update({
+                "forward_s": fwd, "calibrate_s": cal, "forward_median_s": median(fwd), "calibrate_median_s": median(cal),
+                "ratio": ratio(median(cal), median(fwd)), "min_ratio": ratio(min(cal), min(fwd)),
+                "reported_ratio": median(own), "kd_epoch_s": kd[0],
+                "kd_epoch_ratio": ratio(kd[0], median(fwd)),
+            })
+        except Exception as e:
+            log(traceback.format_exc())
+            res["error"] = short_error(e)
+        r["targets"].append(res)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
 # per model
 
 
@@ -662,10 +764,10 @@ def fmt_ms(v: float | None) -> str:
     return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
-def fmt_ratio(v: float | None) -> str:
+def fmt_ratio(v: float | None, good: float = 1.0, ok: float = 1.1) -> str:
     if v is None:
         return "–"
-    style = "green" if v <= 1.0 else ("yellow" if v <= 1.1 else "red")
+    style = "green" if v <= good else ("yellow" if v <= ok else "red")
     return f"[{style}]{v:.2f}×[/]"
 
 
@@ -679,7 +781,8 @@ def fmt_nodes(counts: dict[str, int] | None) -> str:
     return f"{total_nodes(counts)} / {counts.get('BatchNormalization', 0)}"
 
 
-def print_tables(console: Any, results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def print_tables(console: Any, results: list[dict[str, Any]], args: argparse.Namespace,
+                 calib: list[dict[str, Any]] | None = None) -> None:
     from rich.table import Table
 
     def table(title: str, *cols: str) -> Any:
@@ -780,6 +883,19 @@ def print_tables(console: Any, results: list[dict[str, Any]], args: argparse.Nam
                       fmt_ratio(s.get("ratio")), f"[red]{note}[/]" if s.get("error") else note)
         console.print(t)
 
+    if calib:
+        t = table(f"5. calibration cost: calibrate() vs one forward of the original over the same data "
+                  f"(median of {args.calib_repeats}, interleaved; target ≤ 3×)",
+                  "model", "data", "target", "forward s", "calibrate s", "calibrate/forward", "min/min",
+                  "as reported", "1 KD epoch/forward", "note")
+        for c in calib:
+            data = f"{c['samples']}×{'×'.join(map(str, c['input']))} in {c['batches']}"
+            for s in c["targets"]:
+                t.add_row(c["model"], data, s["target"], fmt_s(s.get("forward_median_s")), fmt_s(s.get("calibrate_median_s")),
+                          fmt_ratio(s.get("ratio"), 3.0, 3.0), fmt_ratio(s.get("min_ratio"), 3.0, 3.0),
+                          fmt_ratio(s.get("reported_ratio"), 3.0, 3.0), fmt_ratio(s.get("kd_epoch_ratio"), 1e9, 1e9), f"[red]{s['error']}[/]" if s.get("error") else "")
+        console.print(t)
+
 
 # ---------------------------------------------------------------------------------------------
 # main
@@ -850,8 +966,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: done in {r['seconds']:.0f} s")
             results.append(r)
 
+    calib: list[dict[str, Any]] = []
+    for name in args.calib_model_list if args.calib_target_list else []:
+        log(f"{name}: calibration cost ({', '.join(args.calib_target_list)})")
+        try:
+            calib.append(bench_calibration(name, args.calib_target_list, args))
+        except Exception as e:
+            log(traceback.format_exc())
+            notes.append(f"{name}: calibration benchmark failed: {short_error(e)}")
+
     console.print()
-    print_tables(console, results, args)
+    print_tables(console, results, args, calib)
     for r in results:
         for n in r.get("notes", []):
             notes.append(f"{r['model']}: {n}")
@@ -871,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json_out:
         doc = {"command": command, "environment": env, "args": {k: v for k, v in vars(args).items()},
-               "notes": notes, "results": results, "seconds": total}
+               "notes": notes, "results": results, "calibration": calib, "seconds": total}
         Path(args.json_out).write_text(json.dumps(doc, indent=1, default=str))
         console.print(f"JSON: {args.json_out}")
     return 0

@@ -82,7 +82,7 @@ def keep_function_step(
     batch: int = DEFAULT_CALIB_BATCH,
     recover_steps: int = 0,
     seed: int = 0,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     temperature: float = 2.0,
     feature_weight: float = 0.0,
     target_agreement: float | None = None,

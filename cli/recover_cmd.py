@@ -50,7 +50,7 @@ def recover(
     steps: Annotated[int, typer.Option("--steps", help="distillation steps (one batch each).")] = 200,
     calib_samples: CalibSamplesOpt = None,
     calib_batch: CalibBatchOpt = DEFAULT_CALIB_BATCH,
-    lr: LrOpt = 3e-4,
+    lr: LrOpt = 1e-3,
     temperature: TemperatureOpt = 2.0,
     feature_weight: FeatureWeightOpt = 0.0,
     seed: SeedOpt = 0,

@@ -8,6 +8,11 @@ are written to --out.
 
     python examples/recover_digits.py                          # gn, gn-ws, ln, ln-channels, in
     python examples/recover_digits.py --targets ln,sn --steps 100 --out /tmp/kept
+
+Settings: batches of 64 for calibration and recovery, Adam at lr 2e-3 (the library default is 1e-3).
+On this 160k-parameter model a sweep over lr {3e-4, 1e-3, 2e-3, 3e-3} × batch {32, 64, 128} (seeds 0–4)
+put 2e-3 / 64 at the top for gn and gn-ws; ln is insensitive. Held-out results move by one or two
+digits (0.2–0.4 points) from seed to seed, so compare targets over several ``--seed`` values.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default="gn,gn-ws,ln,ln-channels,in")
     p.add_argument("--samples", type=int, default=256, help="calibration samples from the train split")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64, help="calibration and recovery batch size")
     p.add_argument("--steps", type=int, default=200, help="recovery steps (0 = calibration only)")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=2e-3, help="recovery learning rate (Adam, cosine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--groups", type=int, default=None, help="GroupNorm groups for gn / gn-ws")
     p.add_argument("--out", type=Path, default=Path("recover_digits_out"))

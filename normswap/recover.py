@@ -7,7 +7,7 @@
          + feature_weight · mean over swapped sites of ‖s_site − t_site‖² / ‖t_site‖²
 
 (an output that is not [N, K] logits is matched by its relative squared error instead of the KL).
-Adam (default lr 3e-4, cosine-decayed to 0 over ``steps``), one batch per step, cycling over the data
+Adam (default lr 1e-3, cosine-decayed to 0 over ``steps``), one batch per step, cycling over the data
 in order. With ``augment`` (default) each batch is remixed before the teacher labels it: every sample is
 mixed with another of the batch (mixup, λ ~ U(0, 1)) and images are shifted by up to ``shift`` pixels
 — the teacher provides the targets, so any input is a valid training example, and a few hundred
@@ -88,7 +88,7 @@ class RecoveryReport:
     stopped_early: bool = False
     resumed: bool = False
     seed: int = 0
-    lr: float = 3e-4
+    lr: float = 1e-3
     temperature: float = 2.0
     feature_weight: float = 0.0
     schedule: str = "cosine"
@@ -334,7 +334,7 @@ def recover(
     batches: Any,
     *,
     steps: int,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     temperature: float = 2.0,
     feature_weight: float = 0.0,
     seed: int = 0,
@@ -614,7 +614,7 @@ def keep_function(
     calibrate_: bool = True,
     recover_steps: int = 0,
     seed: int = 0,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     temperature: float = 2.0,
     feature_weight: float = 0.0,
     augment: bool = True,

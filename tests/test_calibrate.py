@@ -185,6 +185,43 @@ def test_single_site_fit_is_the_least_squares_solution():
     assert rep.samples == 40 and rep.batches == 5
 
 
+@pytest.mark.parametrize("shape", [(12, 5, 4, 3), (12, 5), (12, 5, 7)])
+def test_moments_against_float64_and_additive_over_shards(shape):
+    """The per-sample-then-float64 sums equal a float64 reference, do not depend on the scratch buffer
+    or on precomputed sums of the last column, and add up exactly over a split of the batch."""
+    from normswap.calibrate import _moments, _Scratch, _self_moments
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(shape, generator=g), torch.randn(shape, generator=g) * 3 + 1
+    dims = [0, *range(2, len(shape))]
+    z64, y64 = z.double(), y.double()
+    want = torch.stack([(z64 * z64).sum(dims), (z64 * y64).sum(dims), (y64 * y64).sum(dims), z64.sum(dims), y64.sum(dims)])
+    got = _moments([z, y])
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    scratch = _Scratch()
+    again = _moments([z, y], _self_moments(y, scratch), scratch)
+    assert torch.equal(again, got)
+    parts = _moments([z[:5], y[:5]]) + _moments([z[5:], y[5:]])
+    assert torch.allclose(parts, got, rtol=1e-14, atol=1e-12)
+
+
+def test_fitted_output_is_written_in_place_only_into_a_fresh_tensor():
+    from normswap.calibrate import _Fit
+
+    fit = _Fit("n", nn.GroupNorm(1, 4), "affine", False, None)
+    fit.theta = torch.tensor([[2.0, 1.0]] * 4, dtype=torch.float64)
+    x = torch.randn(3, 4, 2, 2)
+    with torch.no_grad():
+        keep = x.clone()
+        out = fit.output([x], x)  # a norm that returned its input: x must stay intact
+        assert out is not x and torch.equal(x, keep) and torch.allclose(out, 2 * x + 1)
+        z = x.clone()
+        out = fit.output([z], x)
+        assert out is z and torch.allclose(z, 2 * keep + 1)
+        out = fit.output([x[:2]], x)  # a view: never in place
+        assert torch.equal(x, keep)
+
+
 def _sequential_reference(original, conv, x):
     """Layer by layer on one batch: fit site k by least squares with sites < k already fitted."""
     model = conv.model.eval()
