@@ -127,7 +127,65 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# ---- torchrun ---------------------------------------------------------------------------------
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.launch) set WORLD_SIZE / RANK for every process it starts."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torch.distributed (the process that writes files and prints), else True."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def torchrun_aware(*writes: str) -> Callable[[F], F]:
+    """Under ``torchrun --nproc_per_node N normswap ...``: join the process group (gloo — the CLI keeps
+    models on the CPU) so calibration sums are all-reduced and recovery runs as DDP, and let only
+    rank 0 print and write: on the other ranks the keyword arguments named in ``writes`` (output
+    paths) are set to None and stdout is silenced. Every rank runs the same computation; all ranks
+    meet at a barrier before the group is torn down. Without torchrun this changes nothing."""
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            if not launched_by_torchrun():
+                return fn(*a, **kw)
+            import torch.distributed as dist
+
+            owned = not dist.is_initialized()
+            if owned:
+                dist.init_process_group("gloo")  # env:// from torchrun's MASTER_ADDR/PORT, RANK, WORLD_SIZE
+            rank = dist.get_rank()
+            quiet = console.quiet
+            if rank != 0:
+                kw.update({k: None for k in writes})
+                console.quiet = True
+            try:
+                try:
+                    result = fn(*a, **kw)
+                except typer.Exit:  # e.g. parity failed: a verdict, every rank still meets below
+                    dist.barrier()
+                    raise
+                dist.barrier()  # rank 0 may still be exporting / writing
+                return result
+            finally:
+                console.quiet = quiet
+                if owned:
+                    dist.destroy_process_group()
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
+
+
 def print_json(obj: Any) -> None:
     import json
+
+    if not is_main_process():
+        return
 
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

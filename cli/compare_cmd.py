@@ -32,12 +32,14 @@ from .common import (
     input_shape,
     load,
     print_json,
+    torchrun_aware,
 )
 
 DEFAULT_TARGETS = "fold,gn-ws,gn,ln,ln-channels,in,sn,bin,wn,frozen"
 
 
 @guarded
+@torchrun_aware("report")
 def compare(
     model: ModelArg = None,
     targets: Annotated[str, typer.Option("--targets", help="comma-separated targets (fold and/or norm targets).")] = DEFAULT_TARGETS,

@@ -43,10 +43,12 @@ from .common import (
     load,
     load_samples,
     print_json,
+    torchrun_aware,
 )
 
 
 @guarded
+@torchrun_aware("onnx", "save", "report")
 def convert(
     model: ModelArg = None,
     to: Annotated[str, typer.Option("--to", "-t", help="fold, or a norm target (see `normswap targets`).")] = "fold",

@@ -37,13 +37,16 @@ from .common import (
     WeightsOpt,
     console,
     guarded,
+    is_main_process,
     print_json,
+    torchrun_aware,
 )
 
 CHECKPOINTS = "recover-checkpoints"
 
 
 @guarded
+@torchrun_aware("report")
 def recover(
     saved_dir: Annotated[Path, typer.Argument(help="a conversion saved with `normswap convert --save DIR`.", show_default=False)],
     calib: Annotated[str, typer.Option("--calib", help="unlabeled data: 'digits', a tensor file [N, ...] (.pt/.npy/.safetensors), an image folder, or module:callable.")],
@@ -87,7 +90,8 @@ def recover(
         resume=not no_resume, target_agreement=target_agreement, progress=not json_out,
     )
     dest = out if out is not None else saved_dir
-    normswap.save_conversion(conv, dest)
+    if is_main_process():  # under torchrun every rank holds the same model; one writes it
+        normswap.save_conversion(conv, dest)
     result = {"saved": str(dest), "to": conv.to, "recovery": rep.to_dict()}
     heldout, name = heldout_for(teacher)
     if heldout is not None:

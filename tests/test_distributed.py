@@ -115,3 +115,33 @@ def test_ddp_recovery_keeps_ranks_in_lock_step(two_ranks, one_rank):
                 for k in r0["state"] if r0["state"][k].is_floating_point())
     assert worst < 5e-2, worst
     assert r0["agreement"]["top1_agreement"] is not None
+
+
+def test_cli_under_torchrun_calibrates_like_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 normswap convert --calib ...` joins a gloo group: the calibration
+    equals the single-process one, and only rank 0 writes the outputs."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    env.pop("NORMSWAP_DEBUG", None)
+    common = ["convert", "--to", "gn", "--calib", "digits", "--calib-samples", "96", "--calib-batch", "32"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+              "-m", "cli.main", *common, "--save", str(tmp_path / "two"), "--report", str(tmp_path / "two.json")]
+    p = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    assert p.stdout.count("normswap convert --to gn:") == 1  # rank 1 is silent
+    single = [sys.executable, "-m", "cli.main", *common, "--save", str(tmp_path / "one")]
+    env1 = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    p1 = subprocess.run(single, capture_output=True, text=True, env=env1, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    two, one = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert two.keys() == one.keys()
+    worst = max(float((two[k].double() - one[k].double()).abs().max()) for k in one)
+    assert worst <= 1e-6, worst
+    import json
+
+    cal = json.loads((tmp_path / "two.json").read_text())["keep_function"]["calibration"]
+    assert cal["world_size"] == 2 and cal["samples"] == 96
