@@ -650,7 +650,6 @@ def bench_calibration(name: str, targets: list[str], args: argparse.Namespace) -
 
             kd_epoch()  # warm-up
             kd = [kd_epoch()]
-            fwd.append(timed(forward)[0])
             res.update({
                 "forward_s": fwd, "calibrate_s": cal, "forward_median_s": median(fwd), "calibrate_median_s": median(cal),
                 "ratio": ratio(median(cal), median(fwd)), "min_ratio": ratio(min(cal), min(fwd)),

@@ -342,8 +342,6 @@ def _per_sample(t: Tensor) -> Tensor:
 
 def _self_moments(y: Tensor, scratch: _Scratch | None = None) -> Tensor:
     """Per-sample (Σ y², Σ y) of one [N, C, *S] / [N, C] tensor, stacked [2, N, C] (see :func:`_moments`)."""
-    if y.dim() > 2 and not y.is_floating_point():
-        y = y.double()
     return torch.stack([_per_sample(scratch.mul(y, y) if scratch is not None else y * y), _per_sample(y)])
 
 
@@ -377,8 +375,6 @@ def _moments(cols: list[Tensor], last: Tensor | None = None, scratch: _Scratch |
     per-sample sums and, summed over ranks, the whole batch's totals to ~1e-16 — while the full-size
     float64 copies of every activation that a float64-only version needs (≈2× slower) are avoided."""
     cols = [c.detach() for c in cols]
-    if cols[0].dim() > 2 and not cols[0].is_floating_point():
-        cols = [c.double() for c in cols]
     k = len(cols)
     parts = []
     for i, a in enumerate(cols):

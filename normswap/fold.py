@@ -19,13 +19,12 @@ import torch
 from torch import Tensor, fx, nn
 
 from .capture import Capture, capture, is_norm_module, propagate_shapes
-from .layers import ChannelAffine, PostNorm, is_identity
+from .layers import ChannelAffine, PostNorm
 from .passes import PassResult, SiteAction, assemble, set_module, unique_target
-from .sites import BNParams, bn_params, bn_post_ops, can_fold, find_sites, is_bn_site_module
+from .sites import CONVT, WEIGHTED, BNParams, bn_post_ops, can_fold, find_sites, is_bn_site_module
 
 __all__ = [
     "fold",
-    "FoldResult",
     "SiteAction",
     "bn_scale_shift",
     "fold_conv_bn_weights",
@@ -134,11 +133,6 @@ def fold_bn_into_linear_input(
 # The pass: graph surgery that calls the arithmetic above.
 # --------------------------------------------------------------------------------------------
 
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-FoldResult = PassResult
-
-
 def _with_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
     """A copy of ``layer`` with new weight and bias (never touches ``layer``'s tensors)."""
     new = copy.copy(layer)
@@ -157,7 +151,7 @@ def _fold_into_producer(layer: nn.Module, s: Tensor, t: Tensor) -> nn.Module:
     else:
         w, b = fold_conv_bn_weights(
             layer.weight, layer.bias, s, t,
-            transpose=isinstance(layer, _TRANSPOSED), groups=layer.groups,
+            transpose=isinstance(layer, CONVT), groups=layer.groups,
         )
     return _with_weights(layer, w, b)
 
@@ -172,22 +166,15 @@ def _fold_into_consumer(layer: nn.Module, s: Tensor, t: Tensor) -> nn.Module:
 
 def _post(bn: nn.Module) -> PostNorm | None:
     drop, act = bn_post_ops(bn)
-    drop = None if is_identity(drop) else drop
-    act = None if is_identity(act) else act
     return None if drop is None and act is None else PostNorm(drop, act)
 
 
-def _affine(bn: nn.Module, p: BNParams) -> ChannelAffine:
-    s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
-    dtype = p.weight.dtype if p.weight is not None else p.running_mean.dtype
-    post = _post(bn)
-    return ChannelAffine(
-        s.to(dtype), t.to(dtype),
-        None if post is None else post.drop, None if post is None else post.act,
-    )
+def _param_dtype(p: BNParams) -> torch.dtype:
+    return p.weight.dtype if p.weight is not None else p.running_mean.dtype
 
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+def _affine(bn: nn.Module, s: Tensor, t: Tensor, dtype: torch.dtype) -> ChannelAffine:
+    return ChannelAffine(s.to(dtype), t.to(dtype), *bn_post_ops(bn))
 
 
 def _copy_sharing_weights(model: nn.Module) -> tuple[nn.Module, set[int]]:
@@ -203,7 +190,7 @@ def _copy_sharing_weights(model: nn.Module) -> tuple[nn.Module, set[int]]:
     """
     memo: dict[int, object] = {}
     for m in model.modules():
-        if isinstance(m, _WEIGHTED):
+        if isinstance(m, WEIGHTED):
             memo[id(m)] = m
     owned = {id(m) for m in model.modules()} | {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     return copy.deepcopy(model, memo), owned
@@ -285,16 +272,16 @@ def fold(
         result.actions.append(action)
         if plan.action == "refuse":
             continue
-        params = bn_params(site.module)
-        assert isinstance(params, BNParams)
+        p = plan.params
+        assert p is not None
+        s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
         if site.node is None:  # outside every traced part: swap the module itself
-            set_module(work, site.name, _affine(site.module, params))
+            set_module(work, site.name, _affine(site.module, s, t, _param_dtype(p)))
             continue
         gm, n = site.part.graph, site.node
         nmap = maps[site.part.qualname]
-        s, t = bn_scale_shift(params.running_mean, params.running_var, params.weight, params.bias, params.eps)
         if plan.action == "affine":
-            set_module(gm, str(n.target), _affine(site.module, params))
+            set_module(gm, str(n.target), _affine(site.module, s, t, _param_dtype(p)))
         elif plan.action == "into-consumer":
             (u,) = n.users
             set_module(gm, str(u.target), _fold_into_consumer(gm.get_submodule(str(u.target)), s, t))

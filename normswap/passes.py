@@ -52,10 +52,6 @@ class PassResult:
     graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
     node_maps: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
-    @property
-    def refused(self) -> list[SiteAction]:
-        return [a for a in self.actions if not a.rewritten]
-
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_name, "sites": [a.to_dict() for a in self.actions]}
 

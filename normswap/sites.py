@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .capture import Capture, TracedPart
+from .layers import is_identity
 
 __all__ = [
     "NormSite",
@@ -28,10 +29,11 @@ __all__ = [
     "FOLD_ACTIONS",
 ]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHTED = CONV + CONVT + (nn.Linear,)  # the layers a BatchNorm folds into
 # Subclasses that override forward (timm's StdConv2d, Conv2dSame…) compute something else.
-_PLAIN_FORWARDS = {k.forward for k in _CONV + _CONVT + (nn.Linear,)}
+PLAIN_FORWARDS = {k.forward for k in WEIGHTED}
 _STD_FORWARDS = {
     nn.modules.batchnorm._BatchNorm.forward,
     nn.SyncBatchNorm.forward,
@@ -93,9 +95,11 @@ def bn_kind_reason(m: nn.Module) -> str | None:
 
 
 def bn_post_ops(m: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """``(drop, act)`` a norm+act layer applies after normalizing (timm's ``BatchNormAct2d``…)."""
+    """``(drop, act)`` a norm+act layer applies after normalizing (timm's ``BatchNormAct2d``…);
+    ``None`` for each one that is absent or an ``nn.Identity`` (nothing to keep)."""
     if _is_timm(m, _NORM_ACT):
-        return getattr(m, "drop", None), getattr(m, "act", None)
+        drop, act = getattr(m, "drop", None), getattr(m, "act", None)
+        return (None if is_identity(drop) else drop), (None if is_identity(act) else act)
     return None, None
 
 
@@ -224,6 +228,7 @@ class FoldPlan:
     action: str  # one of FOLD_ACTIONS
     reason: str | None = None  # why the better actions are not possible (or why refused)
     target: str | None = None  # the layer it folds into
+    params: BNParams | None = field(default=None, repr=False, compare=False)  # checked, when not refused
 
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action, "target": self.target, "reason": self.reason}
@@ -243,14 +248,14 @@ def _producer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, nn
     if len(src.args) != 1 or src.kwargs:
         return f"{src.target} is called with extra arguments", m
     c = _num_features(site.module)
-    if isinstance(m, _CONV + _CONVT):
-        if type(m).forward not in _PLAIN_FORWARDS:
+    if isinstance(m, CONV + CONVT):
+        if type(m).forward not in PLAIN_FORWARDS:
             return f"{src.target} ({type(m).__name__}) overrides forward", m
         if m.out_channels != c:
             return f"{src.target} has {m.out_channels} output channels, BatchNorm has {c}", m
         return None, m
     if isinstance(m, nn.Linear):
-        if type(m).forward not in _PLAIN_FORWARDS:
+        if type(m).forward not in PLAIN_FORWARDS:
             return f"{src.target} ({type(m).__name__}) overrides forward", m
         if m.out_features != c:
             return f"{src.target} has {m.out_features} outputs, BatchNorm has {c}", m
@@ -266,8 +271,7 @@ def _consumer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, fx
     """Why the BN cannot be folded forward into the single layer it feeds (None = it can)."""
     n = site.node
     assert n is not None
-    drop, act = bn_post_ops(site.module)
-    if any(x is not None and type(x) is not nn.Identity for x in (drop, act)):
+    if bn_post_ops(site.module) != (None, None):
         return "its activation sits between it and the next layer", None
     users = list(n.users)
     if len(users) != 1:
@@ -278,14 +282,14 @@ def _consumer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, fx
         return f"it feeds {describe_node(gm, u)}, not a Conv/Linear", None
     if module_call_count(gm, u.target) != 1:
         return f"{u.target} is called more than once", None
-    if isinstance(m, _CONV) and type(m).forward in _PLAIN_FORWARDS:
+    if isinstance(m, CONV) and type(m).forward in PLAIN_FORWARDS:
         # Zero padding pads the *normalized* tensor with 0, which is not s·0 + t: only padding
         # that copies real values (reflect/replicate/circular) commutes with a per-channel affine.
         pads = m.padding if isinstance(m.padding, tuple) else (m.padding,)
         if m.padding_mode == "zeros" and (m.padding == "same" or any(p != 0 for p in pads)):
             return f"{u.target} zero-pads its input, so folding forward would not be exact", None
         return None, u
-    if isinstance(m, nn.Linear) and type(m).forward in _PLAIN_FORWARDS:
+    if isinstance(m, nn.Linear) and type(m).forward in PLAIN_FORWARDS:
         if site.spatial_dims != 0:
             return "the next Linear does not see [N, C] features", None
         return None, u
@@ -305,7 +309,7 @@ def can_fold(site: NormSite) -> FoldPlan:
     if isinstance(params, str):
         return FoldPlan("refuse", params)
     if site.node is None or site.part is None:
-        return FoldPlan("affine", f"not in a traced graph: {site.untraced_reason}")
+        return FoldPlan("affine", f"not in a traced graph: {site.untraced_reason}", params=params)
     gm = site.part.graph
     why_prod, prod = _producer_reason(gm, site)
     if why_prod is None:
@@ -317,10 +321,10 @@ def can_fold(site: NormSite) -> FoldPlan:
         if module_call_count(gm, src.target) > 1:
             shared.append("the layer is called more than once")
         if shared:
-            return FoldPlan("into-producer-copy", f"{src.target}: " + "; ".join(shared), str(src.target))
-        return FoldPlan("into-producer", None, str(src.target))
+            return FoldPlan("into-producer-copy", f"{src.target}: " + "; ".join(shared), str(src.target), params)
+        return FoldPlan("into-producer", None, str(src.target), params)
     why_cons, cons = _consumer_reason(gm, site)
     if why_cons is None:
         assert cons is not None
-        return FoldPlan("into-consumer", why_prod, str(cons.target))
-    return FoldPlan("affine", f"{why_prod}; and forward: {why_cons}")
+        return FoldPlan("into-consumer", why_prod, str(cons.target), params)
+    return FoldPlan("affine", f"{why_prod}; and forward: {why_cons}", params=params)

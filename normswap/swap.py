@@ -15,14 +15,13 @@ import torch
 from torch import fx, nn
 
 from .capture import capture
-from .layers import NormAct, is_identity
+from .layers import NormAct
 from .norms import registry
 from .passes import PassResult, SiteAction, set_module
-from .sites import NormSite, bn_kind_reason, bn_post_ops, find_sites, module_call_count, node_module
+from .sites import PLAIN_FORWARDS, NormSite, bn_kind_reason, bn_post_ops, find_sites, module_call_count, node_module
 
 __all__ = ["swap"]
 
-_PLAIN = {k.forward for k in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)}
 # spatial rank when no example input tells it; BatchNorm1d/SyncBatchNorm accept several ranks
 _RANK_BY_CLASS = {"BatchNorm2d": 2, "BatchNorm3d": 3, "FrozenBatchNorm2d": 2, "BatchNormAct2d": 2, "FrozenBatchNormAct2d": 2}
 
@@ -59,7 +58,7 @@ def _producer(site: NormSite) -> tuple[str | None, nn.Module | None, str | None]
     m = node_module(gm, src)
     if m is None or not isinstance(src, fx.Node):
         return None, None, "its input is not a layer's output"
-    if type(m).forward not in _PLAIN:
+    if type(m).forward not in PLAIN_FORWARDS:
         return None, None, f"its input comes from {type(m).__name__}"
     if len(src.users) > 1 or module_call_count(gm, str(src.target)) > 1:
         return None, None, f"{src.target}'s output also feeds other nodes; reparameterizing it would change what they see"
@@ -126,8 +125,8 @@ def swap(
             continue
         norm = build.norm
         drop, post_act = bn_post_ops(site.module)
-        if not (is_identity(drop) and is_identity(post_act)):
-            norm = NormAct(norm, None if is_identity(drop) else drop, None if is_identity(post_act) else post_act)
+        if drop is not None or post_act is not None:
+            norm = NormAct(norm, drop, post_act)
             build.notes.append("kept the BatchNormAct activation/dropout")
         set_module(work, site.name, norm)
         if build.producer is not None:
