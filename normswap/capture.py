@@ -16,6 +16,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .errors import first_line
+
 __all__ = ["TracedPart", "Capture", "NormTracer", "capture", "propagate_shapes", "is_norm_module", "trace", "first_line"]
 
 # BatchNorm look-alikes that are not ``_BatchNorm`` subclasses; matched by class name so that
@@ -55,12 +57,6 @@ def trace(module: nn.Module) -> fx.GraphModule:
     name = module.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     return gm
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else ""
-    return f"{type(exc).__name__}: {msg}"[:200]
 
 
 @dataclass
@@ -107,7 +103,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> 
         try:
             gm = trace(mod)
         except Exception as exc:  # any tracing failure: descend
-            reason = f"{type(mod).__name__} at '{qual or '<model>'}' is not traceable by torch.fx ({first_line(exc)})"
+            reason = f"{type(mod).__name__} at '{qual or '<model>'}' is not traceable by torch.fx ({first_line(exc, 200)})"
             for name, child in mod.named_children():
                 visit(child, _join(qual, name), reason)
             if is_norm_module(mod):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import __version__
 from .atomic import staging_dir
 from .capture import trace
-from .errors import InputError, ParityError
+from .errors import InputError, ParityError, first_line
 from .passes import PassResult
 from .parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityResult, compare, eval_mode, first_divergence
 
@@ -179,9 +179,8 @@ def _run_reference(reference: nn.Module, inputs: tuple[Any, ...]) -> Any:
             return reference(*inputs)
     except Exception as e:
         shapes = ", ".join(str(list(x.shape)) for x in inputs if isinstance(x, Tensor))
-        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise InputError(
-            f"the model fails on an example input of shape {shapes} ({type(e).__name__}: {first}); "
+            f"the model fails on an example input of shape {shapes} ({first_line(e, 200)}); "
             "pass the shape it expects, e.g. --input-shape 1,3,224,224"
         ) from None
 
@@ -304,7 +303,7 @@ def load_conversion(directory: str | os.PathLike[str], model: nn.Module | None =
         load_model(conv.model, str(w_path), strict=True)
     except Exception as e:
         raise InputError(
-            f"the saved weights do not fit the re-applied conversion ({str(e).splitlines()[0][:200]}); "
+            f"the saved weights do not fit the re-applied conversion ({first_line(e, 200)}); "
             "load it with the same model and normswap version that saved it"
         ) from e
     return conv

@@ -27,3 +27,12 @@ class ParityError(NormswapError):
     """The rewritten or exported model does not compute what the original did."""
 
     exit_code = 3
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """``"TypeName: first non-empty line of the message"`` (just the type name when the message is
+    empty), shortened to ``limit`` characters: how an exception from user code or a library is quoted
+    inside a one-line normswap error."""
+    line = next((ln.strip() for ln in str(e).strip().splitlines() if ln.strip()), "")
+    line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from normswap.errors import InputError, NormswapError
+from normswap.errors import InputError, NormswapError, first_line
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -534,7 +534,7 @@ def make_session(path: str | os.PathLike[str], *, threads: int | None = None, op
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise NormswapError(f"onnxruntime cannot load {path}: {_first_line(e)}; re-export it (check --opset)") from e
+        raise NormswapError(f"onnxruntime cannot load {path}: {first_line(e)}; re-export it (check --opset)") from e
 
 
 def _session(path: str | os.PathLike[str], threads: int | None, optimization: str) -> Any:
@@ -598,15 +598,7 @@ def run_onnxruntime(
     try:
         return list(sess.run(None, feed))
     except Exception as e:
-        raise NormswapError(f"onnxruntime failed running {path}: {_first_line(e)}; check the input shapes") from e
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an exception message (or its type name), shortened."""
-    text = str(e).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = f"{type(e).__name__}: {line}" if line else type(e).__name__
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+        raise NormswapError(f"onnxruntime failed running {path}: {first_line(e)}; check the input shapes") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +676,7 @@ def check_parity(
                 ref = _run_torch(original, xs)
             except Exception as e:
                 shapes = ", ".join(str(tuple(x.shape)) for x in xs if isinstance(x, Tensor))
-                raise InputError(f"the original model fails on input {shapes}: {_first_line(e)}; check the input shape") from e
+                raise InputError(f"the original model fails on input {shapes}: {first_line(e)}; check the input shape") from e
             cand = None
             if rewritten is not None:
                 try:
@@ -692,7 +684,7 @@ def check_parity(
                     result.stats.extend(compare(ref, cand, pair=PAIR_ORIGINAL_REWRITTEN, batch=label, atol=atol, rtol=rtol))
                 except Exception as e:
                     cand = None
-                    result.stats.append(_run_failure(PAIR_ORIGINAL_REWRITTEN, label, f"the rewritten model raised {_first_line(e)}"))
+                    result.stats.append(_run_failure(PAIR_ORIGINAL_REWRITTEN, label, f"the rewritten model raised {first_line(e)}"))
             if onnx_path is not None:
                 try:
                     ort_out = run_onnxruntime(onnx_path, xs, threads=ort_threads, optimization=ort_optimization)

@@ -17,8 +17,17 @@ from torch import fx, nn
 from .capture import capture
 from .layers import NormAct
 from .norms import registry
+from .parity import eval_mode
 from .passes import PassResult, SiteAction, set_module
-from .sites import PLAIN_FORWARDS, NormSite, bn_kind_reason, bn_post_ops, find_sites, module_call_count, node_module
+from .sites import (
+    PLAIN_FORWARDS,
+    NormSite,
+    bn_kind_reason,
+    bn_post_ops,
+    find_sites,
+    module_call_count,
+    node_module,
+)
 
 __all__ = ["swap"]
 
@@ -37,13 +46,10 @@ def _input_shapes(model: nn.Module, names: set[str], inputs: tuple[Any, ...] | N
         mods[n].register_forward_pre_hook(lambda m, a, n=n: ranks[n].add(tuple(a[0].shape[1:])) if a and isinstance(a[0], torch.Tensor) else None)
         for n in names if n in mods
     ]
-    was = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model):  # restores every submodule's own train/eval flag
             model(*inputs)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return ranks
@@ -81,7 +87,7 @@ def swap(
     """
     target = registry.get_target(to)
     work = copy.deepcopy(model)
-    cap = capture(work, example_inputs)
+    cap = capture(work)  # shapes come from _input_shapes (hooks also see untraced code)
     sites = find_sites(cap)
     shapes = _input_shapes(work, {s.name for s in sites}, example_inputs)
     skip = set(skip)

@@ -142,3 +142,13 @@ def test_unsync_round_trip():
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in back.modules())
     with torch.no_grad():
         assert rel_err(model(x), back.eval()(x)) < 1e-6
+
+
+def test_swap_keeps_every_submodule_train_flag():
+    """The swapped copy keeps each submodule's own mode (a Dropout frozen in eval inside a model in
+    training mode stays in eval), and the caller's model is untouched."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5)).train()
+    m[3].eval()
+    res = normswap.rewrite(m, "gn", (torch.randn(2, 3, 8, 8),), verify=False)
+    assert res.model.training and not res.model[3].training
+    assert m.training and not m[3].training
