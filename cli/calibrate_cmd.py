@@ -1,20 +1,6 @@
 """Calibration and recovery options shared by ``normswap convert`` / ``recover`` / ``compare``, and the
-"keep the trained function" step ``convert --calib`` runs right after the swap (before export and save).
-
-``convert`` wires it right after ``normswap.rewrite`` (so export, parity and --save see the calibrated
-model)::
-
-    kept = None
-    if calib is not None or recover_steps:
-        kept = keep_function_step(loaded, conv, calib=calib, samples=calib_samples, batch=calib_batch,
-                                  recover_steps=recover_steps, seed=seed, report=report, save=save,
-                                  progress=not json_out)
-    ...
-    extra_rep = {} if kept is None else {"keep_function": kept.to_dict()}   # into build_report(extra=)
-    ...
-    if kept is not None:
-        console.print(kept)
-"""
+"keep the trained function" step ``convert --calib`` runs right after the swap (before export and save),
+so that export, parity and ``--save`` see the calibrated model."""
 
 from __future__ import annotations
 
@@ -82,11 +68,6 @@ def keep_function_step(
     batch: int = DEFAULT_CALIB_BATCH,
     recover_steps: int = 0,
     seed: int = 0,
-    lr: float = 1e-3,
-    temperature: float = 2.0,
-    feature_weight: float = 0.0,
-    target_agreement: float | None = None,
-    augment: bool = True,
     report: Path | None = None,
     save: Path | None = None,
     progress: bool = True,
@@ -106,6 +87,5 @@ def keep_function_step(
     plot = plot_path(report, save)
     return keep_function(
         loaded.model, conv, data, heldout=heldout, heldout_name=name, recover_steps=recover_steps, seed=seed,
-        lr=lr, temperature=temperature, feature_weight=feature_weight, target_agreement=target_agreement,
-        progress=progress, plot=plot, augment=augment,
+        progress=progress, plot=plot,
     )

@@ -15,6 +15,7 @@ import typer
 import normswap
 from normswap.atomic import atomic_write_text
 from normswap.errors import InputError
+from normswap.recover import DEFAULT_LR, DEFAULT_TEMPERATURE
 
 from .calibrate_cmd import (
     DEFAULT_CALIB_BATCH,
@@ -53,8 +54,8 @@ def recover(
     steps: Annotated[int, typer.Option("--steps", help="distillation steps (one batch each).")] = 200,
     calib_samples: CalibSamplesOpt = None,
     calib_batch: CalibBatchOpt = DEFAULT_CALIB_BATCH,
-    lr: LrOpt = 1e-3,
-    temperature: TemperatureOpt = 2.0,
+    lr: LrOpt = DEFAULT_LR,
+    temperature: TemperatureOpt = DEFAULT_TEMPERATURE,
     feature_weight: FeatureWeightOpt = 0.0,
     seed: SeedOpt = 0,
     target_agreement: TargetAgreementOpt = None,

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .data import as_batches, shard
+from .data import as_batches, local_batch
 from .errors import InputError, NormswapError
 from .norms.ws import standardized_once
 from .parity import eval_mode
@@ -93,6 +93,7 @@ __all__ = [
     "SiteCalibration",
     "accuracy",
     "agreement",
+    "agreement_and_drift",
     "calibrate",
     "layer_drift",
     "swapped_sites",
@@ -511,21 +512,7 @@ class _Fit:
         self._cast = None
 
     def quality(self) -> dict[str, float | None]:
-        if self.features != 1:
-            return _quality(self.gram(), self.coef(self.theta0), self.coef(self.theta))
-        if self.n <= 0:
-            return {"r2_before": None, "r2_after": None, "rel_before": None, "rel_after": None}
-        szz, szy, syy, sz, sy = self.m
-        n = self.n
-        sst = float((syy - sy * sy / n).clamp_min(0).sum())
-        total = float(syy.sum())
-        out: dict[str, float | None] = {}
-        for tag, th in (("before", self.theta0), ("after", self.theta)):
-            a, b = th[:, 0], th[:, 1]
-            sse = float((syy - 2 * a * szy - 2 * b * sy + a * a * szz + 2 * a * b * sz + n * b * b).clamp_min(0).sum())
-            out[f"r2_{tag}"] = 1.0 - sse / sst if sst > 0 else (1.0 if sse <= 1e-12 * max(total, 1e-30) else 0.0)
-            out[f"rel_{tag}"] = math.sqrt(sse / total) if total > 0 else 0.0
-        return out
+        return _quality(self.gram(), self.coef(self.theta0), self.coef(self.theta))
 
     def reset_sums(self) -> None:
         self.m.zero_()
@@ -992,9 +979,9 @@ def calibrate(
                 samples = nbatches = 0
                 for batch in data:
                     if active and shard_batches:
-                        if int(batch[0].shape[0]) < world:
-                            continue  # every rank skips it: a shard may not be empty
-                        batch = shard(batch, rank, world)
+                        batch = local_batch(batch, rank, world)
+                        if batch is None:
+                            continue
                     batch = _to(batch, device)
                     t0, hooks0 = time.perf_counter(), tap.seconds
                     ref = teacher(*batch)
@@ -1099,24 +1086,14 @@ def calibrate(
 # metrics
 
 
-def agreement(original: nn.Module, model: nn.Module, inputs: Any, *, dist: Any = False) -> dict[str, float | None]:
+def agreement(original: nn.Module, model: nn.Module, inputs: Any, *, dist: Any = False,
+              shard_batches: bool = True) -> dict[str, float | None]:
     """Top-1 agreement (first output, when it is [N, K]) and relative error ‖out − ref‖/‖ref‖ of
     ``model`` against ``original`` on ``inputs`` (a tensor or an iterable of batches), both in eval mode;
-    neither model is changed (training flags are restored)."""
-    data = as_batches(inputs)
-    active, group, rank, world = _dist_group(dist)
-    agg = _Agreement()
-    device = _model_device(model)
-    with eval_mode(original, model):
-        for batch in data:
-            if active:
-                if int(batch[0].shape[0]) < world:
-                    continue
-                batch = shard(batch, rank, world)
-            batch = _to(batch, device)
-            agg.add(original(*batch), model(*batch))
-    agg.reduce(active, group, device)
-    return agg.result()
+    neither model is changed (training flags are restored). Under ``dist`` each rank evaluates its
+    shard of every batch (``shard_batches=False``: the batches already are this rank's) and the counts
+    are all-reduced."""
+    return _evaluate(original, model, inputs, [], dist=dist, shard_batches=shard_batches)[0]
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch: int = 256) -> float:
@@ -1136,13 +1113,25 @@ def layer_drift(original: nn.Module, model: nn.Module, inputs: Any, *, sites: Se
     ``inputs`` — the original BN's output (before any activation) against the new norm's, each model
     running on its own activations, so errors accumulated upstream show."""
     names = list(sites) if sites is not None else swapped_sites(original, model, conversion)
-    teacher = original
+    return _evaluate(original, model, inputs, names)[1]
+
+
+def agreement_and_drift(original: nn.Module, model: nn.Module, inputs: Any, *, sites: Sequence[str] | None = None,
+                        conversion: Any = None) -> tuple[dict[str, float | None], dict[str, float]]:
+    """:func:`agreement` and :func:`layer_drift` from one run of both models over ``inputs``."""
+    names = list(sites) if sites is not None else swapped_sites(original, model, conversion)
+    return _evaluate(original, model, inputs, names)
+
+
+def _evaluate(original: nn.Module, model: nn.Module, inputs: Any, sites: Sequence[str], *, dist: Any = False,
+              shard_batches: bool = True) -> tuple[dict[str, float | None], dict[str, float]]:
+    """Run both models (eval, flags restored) over ``inputs`` once: output agreement, and the
+    per-site drift of ``sites`` (float64 sums kept as tensors, read once at the end)."""
+    active, group, rank, world = _dist_group(dist)
     smods = dict(model.named_modules())
-    names = [n for n in names if n in smods]
-    tap = _TeacherTap(teacher, names)
-    err = {n: 0.0 for n in names}
-    ref = {n: 0.0 for n in names}
-    order: list[str] = []
+    names = [n for n in sites if n in smods]
+    tap = _TeacherTap(original, names)
+    sums: dict[str, Tensor] = {}  # site → [‖y_new − y_orig‖², ‖y_orig‖²]
 
     def hook(name: str):
         def h(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -1152,23 +1141,30 @@ def layer_drift(original: nn.Module, model: nn.Module, inputs: Any, *, sites: Se
             y = q.popleft().double()
             o = out.detach().double()
             if o.shape == y.shape:
-                err[name] += float(((o - y) ** 2).sum())
-                ref[name] += float((y ** 2).sum())
-                if name not in order:
-                    order.append(name)
+                v = torch.stack([((o - y) ** 2).sum(), (y * y).sum()])
+                sums[name] = sums[name] + v if name in sums else v  # insertion order = execution order
         return h
 
     handles = [_inner(smods[n]).register_forward_hook(hook(n)) for n in names]
+    agg = _Agreement()
     device = _model_device(model)
     try:
-        with eval_mode(teacher, model):
+        with eval_mode(original, model):
             for batch in as_batches(inputs):
+                if active and shard_batches:
+                    batch = local_batch(batch, rank, world)
+                    if batch is None:
+                        continue
                 batch = _to(batch, device)
-                teacher(*batch)
-                model(*batch)
+                agg.add(original(*batch), model(*batch))
                 tap.clear()
     finally:
         for h in handles:
             h.remove()
         tap.remove()
-    return {n: (math.sqrt(err[n] / ref[n]) if ref[n] > 0 else 0.0) for n in order}
+    agg.reduce(active, group, device)
+    drift = {}
+    for n, v in sums.items():
+        err, ref = (float(x) for x in _all_reduce(v, active, group))
+        drift[n] = math.sqrt(err / ref) if ref > 0 else 0.0
+    return agg.result(), drift

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibrate import agreement, calibrate, layer_drift
+from .calibrate import agreement_and_drift, calibrate
 from .data import as_batches
 from .errors import InputError, NormswapError
 
@@ -184,17 +184,15 @@ def compare_targets(
         row.params = sum(p.numel() for p in conv.model.parameters())
         tgt = known[t]
         row.exact_promised = True if tgt is None else bool(tgt.exact)
-        naive = agreement(original, conv.model, eval_data)
-        row.naive_rel_err = naive["rel_err"]
+        sites = [] if t == "fold" else None  # None: every swapped site
+        after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
+        row.naive_rel_err = after["rel_err"]
         if calib is not None and not row.exact_promised and t != "fold":
             calibrate(original, conv, calib)
             row.calibrated = True
-            after = agreement(original, conv.model, eval_data)
-        else:
-            after = naive
+            after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
         row.agreement, row.rel_err = after["top1_agreement"], after["rel_err"]
         if t != "fold":
-            drift = layer_drift(original, conv.model, eval_data, conversion=conv)
             if drift:
                 row.drift_mean = sum(drift.values()) / len(drift)
                 row.drift_max = max(drift.values())

@@ -345,6 +345,14 @@ def shard(batch: Batch, rank: int, world_size: int) -> Batch:
     return tuple(t[start:stop] for t in batch)
 
 
+def local_batch(batch: Batch, rank: int, world_size: int) -> Batch | None:
+    """This rank's :func:`shard` of ``batch``, or None when the batch has fewer samples than ranks
+    (then every rank skips it alike: a shard may not be empty)."""
+    if world_size > 1 and int(batch[0].shape[0]) < world_size:
+        return None
+    return shard(batch, rank, world_size)
+
+
 def as_batches(batches: Any) -> Iterable[Batch]:
     """Accept a CalibrationData, a tensor (one batch), or any iterable of tensors / tuples."""
     if isinstance(batches, Tensor):

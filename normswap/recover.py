@@ -62,16 +62,19 @@ from .calibrate import (
     _to,
     accuracy,
     agreement,
+    agreement_and_drift,
     calibrate,
-    layer_drift,
     swapped_sites,
 )
-from .data import as_batches, shard
+from .data import as_batches, local_batch
 from .errors import InputError, NormswapError
 
-__all__ = ["STATE_FILE", "FunctionReport", "RecoveryReport", "keep_function", "recover", "save_drift_plot"]
+__all__ = ["DEFAULT_LR", "DEFAULT_TEMPERATURE", "STATE_FILE", "FunctionReport", "RecoveryReport", "keep_function", "recover", "save_drift_plot"]
 
 STATE_FILE = "recover.json"
+#: Adam's learning rate (cosine-decayed) and the distillation temperature, unless given.
+DEFAULT_LR = 1e-3
+DEFAULT_TEMPERATURE = 2.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,8 +91,8 @@ class RecoveryReport:
     stopped_early: bool = False
     resumed: bool = False
     seed: int = 0
-    lr: float = 1e-3
-    temperature: float = 2.0
+    lr: float = DEFAULT_LR
+    temperature: float = DEFAULT_TEMPERATURE
     feature_weight: float = 0.0
     schedule: str = "cosine"
     augment: bool = True
@@ -334,8 +337,8 @@ def recover(
     batches: Any,
     *,
     steps: int,
-    lr: float = 1e-3,
-    temperature: float = 2.0,
+    lr: float = DEFAULT_LR,
+    temperature: float = DEFAULT_TEMPERATURE,
     feature_weight: float = 0.0,
     seed: int = 0,
     schedule: str = "cosine",
@@ -405,7 +408,10 @@ def recover(
             if state.get("world_size", world) != world:
                 rep.notes.append(f"checkpoint written with {state.get('world_size')} process(es), resumed with {world}")
     rep.start_step = start
-    rep.agreement_before = agreement(teacher, model, data, dist=dist if active else False)
+    def agree() -> dict[str, float | None]:
+        return agreement(teacher, model, data, dist=dist if active else False, shard_batches=shard_batches)
+
+    rep.agreement_before = agree()
 
     names = list(sites) if sites is not None else (swapped_sites(teacher, model, conv) if feature_weight > 0 else [])
     tap = _TeacherTap(teacher, names) if feature_weight > 0 else None
@@ -447,6 +453,7 @@ def recover(
 
             tdist.barrier(group=group)
 
+    last_eval: tuple[int, dict[str, float | None]] | None = None
     bar, task = _progress(progress and rank == 0 and steps > start, steps, start)
     step = start
     try:
@@ -456,10 +463,10 @@ def recover(
             while step < steps:
                 batch = next(cyc)
                 if active and shard_batches:
-                    if int(batch[0].shape[0]) < world:
+                    batch = local_batch(batch, rank, world)
+                    if batch is None:
                         step += 1  # every rank skips it alike
                         continue
-                    batch = shard(batch, rank, world)
                 batch = _to(batch, device)
                 if augment:
                     batch = _augment(batch, shift)
@@ -499,7 +506,8 @@ def recover(
                 if step % checkpoint_every == 0 and step < steps:
                     checkpoint(step)
                 if target_agreement is not None and (step % eval_every == 0 or step == steps):
-                    a = agreement(teacher, model, data, dist=dist if active else False)["top1_agreement"]
+                    last_eval = (step, agree())
+                    a = last_eval[1]["top1_agreement"]
                     if a is not None:
                         rep.evals.append((step, a))
                         bar.update(task, agree=f"{a:.4f}")
@@ -519,7 +527,8 @@ def recover(
             m.training = f
     rep.end_step = step
     rep.history = history
-    rep.agreement_after = agreement(teacher, model, data, dist=dist if active else False)
+    # the eval at the last step (target_agreement) already measured these weights on this data
+    rep.agreement_after = last_eval[1] if last_eval is not None and last_eval[0] == step else agree()
     rep.seconds = time.perf_counter() - t_start
     return rep
 
@@ -614,8 +623,8 @@ def keep_function(
     calibrate_: bool = True,
     recover_steps: int = 0,
     seed: int = 0,
-    lr: float = 1e-3,
-    temperature: float = 2.0,
+    lr: float = DEFAULT_LR,
+    temperature: float = DEFAULT_TEMPERATURE,
     feature_weight: float = 0.0,
     augment: bool = True,
     checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -633,11 +642,9 @@ def keep_function(
     sites = swapped_sites(original, model, conversion)
 
     def measure(stage: str) -> StageMetrics:
-        return StageMetrics(
-            stage=stage, agreement=agreement(original, model, eval_data),
-            accuracy=None if y is None else accuracy(model, x, y),
-            drift=layer_drift(original, model, eval_data, sites=sites),
-        )
+        agree, drift = agreement_and_drift(original, model, eval_data, sites=sites)
+        return StageMetrics(stage=stage, agreement=agree, accuracy=None if y is None else accuracy(model, x, y),
+                            drift=drift)
 
     rep = FunctionReport(target=conversion.to, evaluated_on=where,
                          original_accuracy=None if y is None else accuracy(original, x, y), stages=[measure("naive")])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
+from .registry import NormTarget, SwapBuild, SwapSite, bn_state, copy_affine_, copy_running_stats_, like_bn, register
 
 
 class FrozenBatchNorm(nn.Module):
@@ -56,11 +56,8 @@ class FrozenBatchNorm(nn.Module):
             if spatial_dims is None and type(bn).__name__.startswith("FrozenBatchNorm"):
                 spatial_dims = 2  # torchvision/timm frozen BNs are 2d-only
         new = cls(s.num_features, s.eps, spatial_dims)
-        with torch.no_grad():
-            new.weight.copy_(s.weight)
-            new.bias.copy_(s.bias)
-            new.running_mean.copy_(s.running_mean)
-            new.running_var.copy_(s.running_var)
+        copy_affine_(new, s)
+        copy_running_stats_(new, s)
         return like_bn(new, bn)
 
     def extra_repr(self) -> str:

@@ -27,15 +27,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from .group import group_norm_from_bn
 from .registry import NormTarget, SwapBuild, SwapSite, bn_state, copy_affine_, like_bn, register
 
 
 def layer_norm_from_bn(bn: nn.Module) -> nn.GroupNorm:
     """Paper LN as ``nn.GroupNorm(1, C, eps=bn.eps)`` with γ, β copied from ``bn``."""
-    s = bn_state(bn)
-    ln = nn.GroupNorm(1, s.num_features, eps=s.eps, affine=True)
-    copy_affine_(ln, s)
-    return like_bn(ln, bn)
+    return group_norm_from_bn(bn, 1)
 
 
 class ChannelsLayerNorm(nn.Module):
