@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -107,12 +106,7 @@ def convert(
             times["export"] = time.perf_counter() - t
             parity = _parity(loaded.model, conv, tmp / onnx.name, shape, extra, atol, rtol, times)
             if parity or keep_failed:
-                produced = [exported.path] + ([exported.data_path] if exported.data_path else [])
-                for p in produced:
-                    os.replace(p, onnx.parent / Path(p).name)
-                exported.path = onnx
-                if exported.data_path:
-                    exported.data_path = onnx.parent / Path(exported.data_path).name
+                exported.move_into(onnx.parent)
     else:
         parity = _parity(loaded.model, conv, None, shape, extra, atol, rtol, times)
 
@@ -125,7 +119,7 @@ def convert(
         from normswap.checks import batch_independence
 
         if kept is None:  # after calibration the held-out agreement above says more than random inputs
-            extra_rep["drift_vs_original"] = _drift(loaded.model, conv.model, shape, extra)
+            extra_rep["drift_vs_original"] = _drift(loaded.model, conv.model, shape, extra, parity)
         extra_rep["batch_independence"] = {
             "original": batch_independence(loaded.model, shape).to_dict(),
             "rewritten": batch_independence(conv.model, shape).to_dict(),
@@ -164,11 +158,16 @@ def convert(
         raise typer.Exit(EXIT_PARITY)
 
 
-def _drift(original, rewritten, shape, samples) -> dict:
-    """How far a function-changing swap moved the outputs (informational, not a pass/fail)."""
-    res = normswap.check_parity(original, rewritten, None, input_shape=shape, samples=samples)
-    top1 = [s.top1 for s in res.stats if s.top1 is not None]
-    return {"max_rel": max(s.max_rel for s in res.stats), "top1": min(top1) if top1 else None}
+def _drift(original, rewritten, shape, samples, parity=None) -> dict:
+    """How far the swap moved the outputs (informational, not a pass/fail). An exact target's parity
+    check already compared original and rewritten on these inputs: its numbers are reused."""
+    from normswap.parity import PAIR_ORIGINAL_REWRITTEN
+
+    stats = [s for s in (parity.stats if parity is not None else []) if s.pair == PAIR_ORIGINAL_REWRITTEN]
+    if not stats:
+        stats = normswap.check_parity(original, rewritten, None, input_shape=shape, samples=samples).stats
+    top1 = [s.top1 for s in stats if s.top1 is not None]
+    return {"max_rel": max(s.max_rel for s in stats), "top1": min(top1) if top1 else None}
 
 
 def _parity(original, conv, onnx_path, shape, samples, atol, rtol, times):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 import normswap
+from normswap.atomic import staging_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,14 +40,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"not folded: {a.site}: {a.reason}", file=sys.stderr)
 
         out = Path(args.out)
-        with tempfile.TemporaryDirectory(dir=out.parent or ".") as tmp:  # the gate: nothing lands unverified
-            exported = normswap.export_onnx(conv.model, (x,), Path(tmp) / out.name)
+        with staging_dir(out) as tmp:  # the gate: nothing lands unverified
+            # verify=False: the parity gate below checks onnxruntime against both models itself
+            exported = normswap.export_onnx(conv.model, (x,), tmp / out.name, verify=False)
             result = normswap.check_parity(loaded.model, conv.model, exported.path, input_shape=shape, rtol=args.rtol)
             print(result.summary())
             if not result:
                 print("parity gate FAILED: not deploying", file=sys.stderr)
                 return 3
-            Path(exported.path).replace(out)
+            exported.move_into(out.parent)  # the .onnx and, for large models, its .onnx.data
         bn = exported.op_counts.get("BatchNormalization", 0)
         print(f"deployed {out}: {sum(exported.op_counts.values())} ONNX nodes, {bn} BatchNormalization, "
               f"{len(conv.actions) - len(refused)}/{len(conv.actions)} BN sites folded")

@@ -128,6 +128,18 @@ class ExportResult:
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {"exporter", "seconds", "error"}
     notes: list[str] = field(default_factory=list)
 
+    def move_into(self, directory: str | os.PathLike[str]) -> None:
+        """Move the ONNX file and its external data file (same names: the model refers to its data
+        by file name) into ``directory``, each with an atomic rename; the paths here follow."""
+        directory = Path(directory)
+        dest = directory / Path(self.path).name
+        if self.data_path is not None:
+            data = directory / Path(self.data_path).name
+            os.replace(self.data_path, data)
+            self.data_path = data
+        os.replace(self.path, dest)
+        self.path = dest
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
