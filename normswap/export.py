@@ -452,15 +452,19 @@ def _export_dynamo(
 
 def _check_and_verify(
     file: Path, model: nn.Module, example: tuple[Tensor, ...], dynamic_batch: bool, verify: bool, n_outputs: int,
-) -> tuple[list[int], float | None, int]:
-    """onnx.checker, onnxruntime load, then (optionally) torch-vs-onnxruntime at batch 1 and 3."""
+    refs: dict[int, tuple[tuple[Tensor, ...], Any]],
+) -> tuple[list[int], float | None, int, dict[str, int]]:
+    """onnx.checker, onnxruntime load, then (optionally) torch-vs-onnxruntime at batch 1 and 3.
+    ``refs`` caches the torch side per batch size across exporter attempts. Returns the verified
+    batches, the worst relative error, the IR version and the op counts."""
     import onnx
 
     try:
-        onnx.checker.check_model(str(file))
+        onnx.checker.check_model(str(file))  # by path: also works for models over 2 GB
     except Exception as e:
         raise NormswapError(f"the exported model fails onnx.checker: {_root_cause(e)}") from e
-    ir_version = onnx.load(str(file), load_external_data=False).ir_version
+    proto = onnx.load(str(file), load_external_data=False)  # the graph only, parsed once
+    ir_version, op_counts = proto.ir_version, onnx_op_counts(proto)
     try:
         sess = make_session(file)  # fails when the runtime refuses the IR version, the opset or an op
     except NormswapError as e:
@@ -472,12 +476,14 @@ def _check_and_verify(
     if len(sess.get_outputs()) != n_outputs:
         raise NormswapError(f"the exported model has {len(sess.get_outputs())} outputs but torch returns {n_outputs}")
     if not verify:
-        return [], None, ir_version
+        return [], None, ir_version, op_counts
     batches = list(VERIFY_BATCHES) if dynamic_batch else [int(example[0].shape[0])]
     worst = 0.0
     for b in batches:
-        xs = _batch_inputs(example, b, seed=0) if dynamic_batch else example
-        ref = _eager(model, xs)
+        if b not in refs:
+            xs = _batch_inputs(example, b, seed=0) if dynamic_batch else example
+            refs[b] = (xs, _eager(model, xs))
+        xs, ref = refs[b]
         try:
             got = sess.run(None, session_feed(sess, xs))
         except Exception as e:
@@ -488,7 +494,7 @@ def _check_and_verify(
                 raise NormswapError(f"the exported model disagrees with torch at batch {b} on {s.output}: {why}")
             if math.isfinite(s.max_rel):
                 worst = max(worst, s.max_rel)
-    return batches, worst, ir_version
+    return batches, worst, ir_version, op_counts
 
 
 def export_onnx(
@@ -591,6 +597,8 @@ def export_onnx(
     attempts: list[dict[str, Any]] = []
     errors: list[tuple[str, str]] = []
 
+    # the torch side of the verification, per batch size; the example batch itself is already run
+    refs: dict[int, tuple[tuple[Tensor, ...], Any]] = {} if dynamic_batch else {tb: (trace_args, ref)}
     with staging_dir(dest) as stage:
         for name in order:
             work = stage / name
@@ -604,8 +612,8 @@ def export_onnx(
                                             dynamic_batch, external)
                     else:
                         _export_dynamo(target, trace_args, file, opset, in_names, out_names, dynamic_batch, external)
-                    batches, max_rel, ir_version = _check_and_verify(file, prepared, trace_args, dynamic_batch, verify,
-                                                                     len(out_names))
+                    batches, max_rel, ir_version, op_counts = _check_and_verify(
+                        file, prepared, trace_args, dynamic_batch, verify, len(out_names), refs)
             except Exception as e:
                 err = str(e) if isinstance(e, NormswapError) else _root_cause(e)
                 attempts.append({"exporter": name, "seconds": round(time.perf_counter() - t1, 3), "error": err})
@@ -636,7 +644,7 @@ def export_onnx(
         opset=opset,
         input_names=in_names,
         output_names=out_names,
-        op_counts=onnx_op_counts(dest),
+        op_counts=op_counts,
         external_data=has_data,
         seconds=round(time.perf_counter() - t0, 3),
         ir_version=ir_version,
