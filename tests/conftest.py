@@ -16,3 +16,12 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def original():
+    """The bundled digits ResNet (trained, eval mode): the original model of the calibration,
+    recovery and compare tests. Tests only read it."""
+    from normswap.models.digits import digits_resnet
+
+    return digits_resnet()

@@ -41,3 +41,10 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def same_state(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
     sd = model.state_dict()
     return sd.keys() == snap.keys() and all(torch.equal(sd[k], snap[k]) for k in sd)
+
+
+def swap_digits(original: nn.Module, to: str, **kw):
+    """``normswap.rewrite`` of the digits model with its [2, 1, 8, 8] example input."""
+    import normswap
+
+    return normswap.rewrite(original, to, (torch.zeros(2, 1, 8, 8),), **kw)

@@ -16,14 +16,10 @@ from normswap.calibrate import LOW_R2, agreement, calibrate, layer_drift
 from normswap.data import CalibrationData, calibration_batches, shard
 from normswap.errors import InputError
 from normswap.models.digits import digits_resnet, load_digits
+from tests.helpers import swap_digits
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def original() -> nn.Module:
-    return digits_resnet()
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +30,6 @@ def heldout():
 @pytest.fixture(scope="module")
 def calib() -> CalibrationData:
     return calibration_batches("digits", samples=256, batch=32)
-
-
-def swapped(original, to, **kw):
-    return normswap.rewrite(original, to, (torch.zeros(2, 1, 8, 8),), **kw)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -255,14 +247,14 @@ def _sequential_reference(original, conv, x):
 def test_each_layer_sees_the_calibrated_earlier_ones(original):
     """On a single batch the streaming pass is exactly greedy layer-by-layer calibration."""
     x = load_digits("train")[0][:48]
-    conv = swapped(original, "ln")
+    conv = swap_digits(original, "ln")
     calibrate(original, conv, [x], readout=False)
-    ref = _sequential_reference(original, swapped(original, "ln"), x)
+    ref = _sequential_reference(original, swap_digits(original, "ln"), x)
     got, want = conv.model.state_dict(), ref.state_dict()
     worst = max(float((got[k] - want[k]).abs().max()) for k in got)
     assert worst < 2e-4, worst
     # fitting every site at once on the *naive* upstream gives something else: the order matters
-    naive = swapped(original, "ln").model.eval()
+    naive = swap_digits(original, "ln").model.eval()
     rec = {}
     h1 = naive.layer3.bn2.register_forward_pre_hook(lambda m, i: rec.__setitem__("x", i[0]))
     h2 = original.layer3.bn2.register_forward_hook(lambda m, i, o: rec.__setitem__("y", o))
@@ -281,7 +273,7 @@ def test_each_layer_sees_the_calibrated_earlier_ones(original):
 @pytest.mark.parametrize("to,floor", [("ln", 0.99), ("gn", 0.97), ("gn-ws", 0.95)])
 def test_done_when_calibrated_agreement(original, heldout, calib, to, floor):
     """The issue's targets: 256 calibration samples, no training, held-out top-1 agreement."""
-    conv = swapped(original, to)
+    conv = swap_digits(original, to)
     naive = agreement(original, conv.model, heldout[0])["top1_agreement"]
     rep = calibrate(original, conv, calib)
     after = agreement(original, conv.model, heldout[0])["top1_agreement"]
@@ -294,7 +286,7 @@ def test_done_when_calibrated_agreement(original, heldout, calib, to, floor):
 
 
 def test_without_readout_refit_calibration_alone_still_helps(original, heldout, calib):
-    conv = swapped(original, "ln")
+    conv = swap_digits(original, "ln")
     head = conv.model.head[3].weight.detach().clone()
     rep = calibrate(original, conv, calib, readout=False)
     assert torch.equal(conv.model.head[3].weight, head) and rep.readout is None
@@ -302,7 +294,7 @@ def test_without_readout_refit_calibration_alone_still_helps(original, heldout, 
 
 
 def test_instance_norm_is_flagged_as_unfixable(original, calib):
-    conv = swapped(original, "in")
+    conv = swap_digits(original, "in")
     rep = calibrate(original, conv, calib)
     stuck = rep.cannot_help_sites
     assert "layer3.bn2" in stuck and set(stuck) <= set(rep.low_r2_sites)
@@ -312,13 +304,13 @@ def test_instance_norm_is_flagged_as_unfixable(original, calib):
         if s.site in stuck:
             assert s.r2_after < LOW_R2 and s.r2_after - s.r2_before < 0.1
     # layer norm: calibration does help (big R² gains), nothing is beyond reach
-    ln = calibrate(original, swapped(original, "ln"), calib)
+    ln = calibrate(original, swap_digits(original, "ln"), calib)
     assert not ln.cannot_help_sites and all(s.r2_after - s.r2_before > 0.1 for s in ln.sites[:3])
 
 
 def test_exact_targets_are_left_alone(original, calib):
     for to in ("frozen", "wn"):
-        conv = swapped(original, to)
+        conv = swap_digits(original, to)
         before = copy.deepcopy(conv.model.state_dict())
         rep = calibrate(original, conv, calib)
         assert {s.status for s in rep.sites} == {"exact"}
@@ -378,7 +370,7 @@ def test_batch_instance_norm_rho_is_clipped():
 
 
 def test_switchable_norm_mixture_moves_towards_the_original(original, heldout, calib):
-    conv = swapped(original, "sn")
+    conv = swap_digits(original, "sn")
     w0 = conv.model.stem[1].mixture_weights()[0][-1].item()
     naive = agreement(original, conv.model, heldout[0])["rel_err"]
     rep = calibrate(original, conv, calib)
@@ -390,7 +382,7 @@ def test_switchable_norm_mixture_moves_towards_the_original(original, heldout, c
 
 def test_original_untouched_and_flags_restored(original, calib):
     snap = copy.deepcopy(original.state_dict())
-    conv = swapped(original, "gn")
+    conv = swap_digits(original, "gn")
     conv.model.train()
     calibrate(original, conv, calib)
     assert all(torch.equal(snap[k], v) for k, v in original.state_dict().items())
@@ -400,20 +392,20 @@ def test_original_untouched_and_flags_restored(original, calib):
 
 
 def test_deterministic_and_site_subset(original, calib):
-    a, b = swapped(original, "gn"), swapped(original, "gn")
+    a, b = swap_digits(original, "gn"), swap_digits(original, "gn")
     calibrate(original, a, calib)
     calibrate(original, b, calib)
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
-    c = swapped(original, "gn")
+    c = swap_digits(original, "gn")
     rep = calibrate(original, c, calib, sites=["stem.1"])
     assert [s.site for s in rep.sites] == ["stem.1"] and rep.readout is None
-    assert torch.equal(c.model.layer1.bn1.weight, swapped(original, "gn").model.layer1.bn1.weight)
+    assert torch.equal(c.model.layer1.bn1.weight, swap_digits(original, "gn").model.layer1.bn1.weight)
     with pytest.raises(InputError, match="not swapped sites"):
         calibrate(original, c, calib, sites=["nope"])
 
 
 def test_plain_module_and_report_rendering(original, calib):
-    conv = swapped(original, "ln")
+    conv = swap_digits(original, "ln")
     rep = calibrate(original, conv.model, calib)  # a module instead of a Conversion: sites found by type
     assert len(rep.sites) == 9 and rep.sites[0].site == "stem.1"
     from rich.console import Console
@@ -490,8 +482,8 @@ def test_shared_module_called_twice():
 def test_failed_pass_leaves_fitted_parameters_not_the_identity(original):
     """During the pass the norms run with γ = 1, β = 0; an error must not leave them like that."""
     x = load_digits("train")[0][:64]
-    conv = swapped(original, "gn")
+    conv = swap_digits(original, "gn")
     with pytest.raises(InputError, match="re-iterable"):
         calibrate(original, conv, (b for b in [x[:32], x[32:]]), passes=2)  # a generator: pass 2 is empty
     w = conv.model.layer1.bn1.weight
-    assert not torch.allclose(w, torch.ones_like(w)) and not torch.equal(w, swapped(original, "gn").model.layer1.bn1.weight)
+    assert not torch.allclose(w, torch.ones_like(w)) and not torch.equal(w, swap_digits(original, "gn").model.layer1.bn1.weight)

@@ -16,15 +16,10 @@ from normswap.checks import batch_independence
 from normswap.compare import compare_targets
 from normswap.data import calibration_batches
 from normswap.errors import InputError
-from normswap.models.digits import digits_resnet, load_digits
+from normswap.models.digits import load_digits
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def original() -> nn.Module:
-    return digits_resnet()
 
 
 def test_agreement_metric(original):
@@ -71,14 +66,10 @@ def test_compare_targets(original):
 
 
 def test_compare_command_json(tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from cli.compare_cmd import compare as compare_cmd
+    from cli.main import app
 
-    app = typer.Typer()
-    app.command("compare")(compare_cmd)
-    app.command("noop")(lambda: None)
     r = CliRunner().invoke(app, ["compare", "--targets", "fold,gn,in", "--calib", "digits", "--calib-samples", "64",
                                  "--no-latency", "--json", "--report", str(tmp_path / "cmp.json")])
     assert r.exit_code == 0, r.output

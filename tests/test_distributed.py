@@ -15,21 +15,21 @@ SAMPLES, BATCH = 96, 32
 
 
 def _calibrate_all(out: Path, rank: int) -> None:
-    import normswap
     from normswap.calibrate import calibrate
     from normswap.data import calibration_batches
     from normswap.models.digits import digits_resnet
     from normswap.recover import recover
+    from tests.helpers import swap_digits
 
     original = digits_resnet()
     data = calibration_batches("digits", samples=SAMPLES, batch=BATCH)
     result = {}
     for to in TARGETS:
-        conv = normswap.rewrite(original, to, (torch.zeros(2, 1, 8, 8),), verify=False)
+        conv = swap_digits(original, to, verify=False)
         rep = calibrate(original, conv, data)
         result[to] = {"state": {k: v.clone() for k, v in conv.model.state_dict().items()},
                       "world": rep.world_size, "samples": rep.samples}
-    conv = normswap.rewrite(original, "gn", (torch.zeros(2, 1, 8, 8),), verify=False)
+    conv = swap_digits(original, "gn", verify=False)
     calibrate(original, conv, data)
     rec = recover(original, conv, data, steps=4, seed=0, progress=False)
     result["recovered"] = {"state": conv.model.state_dict(), "world": rec.world_size, "end": rec.end_step,

@@ -8,22 +8,17 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import normswap
 from normswap.calibrate import accuracy, agreement, calibrate
 from normswap.data import calibration_batches
 from normswap.errors import InputError
-from normswap.models.digits import digits_resnet, load_digits
+from normswap.models.digits import load_digits
+from tests.helpers import same_state, snapshot, swap_digits
 from normswap.recover import STATE_FILE, keep_function, recover
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def original() -> nn.Module:
-    return digits_resnet()
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +28,9 @@ def small():
 
 @pytest.fixture(scope="module")
 def calibrated_gn(original, small):
-    conv = normswap.rewrite(original, "gn", (torch.zeros(2, 1, 8, 8),))
+    conv = swap_digits(original, "gn")
     calibrate(original, conv, small)
     return conv
-
-
-def _same(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_seeded_runs_are_identical(original, small, calibrated_gn):
@@ -48,8 +38,8 @@ def test_seeded_runs_are_identical(original, small, calibrated_gn):
     ra = recover(original, a, small, steps=6, seed=1, progress=False)
     recover(original, b, small, steps=6, seed=1, progress=False)
     recover(original, c, small, steps=6, seed=2, progress=False)
-    assert _same(a.model, b.model) and not _same(a.model, c.model)
-    assert not _same(a.model, calibrated_gn.model)  # it trained
+    assert same_state(a.model, snapshot(b.model)) and not same_state(a.model, snapshot(c.model))
+    assert not same_state(a.model, snapshot(calibrated_gn.model))  # it trained
     assert ra.end_step == 6 and len(ra.history) == 6
     assert not a.model.training  # flags restored (the conversion's model was in eval mode)
     json.dumps(ra.to_dict())
@@ -87,15 +77,15 @@ def test_interrupted_run_resumes_to_the_same_weights(original, small, calibrated
     rep = recover(original, resumed, small, steps=10, seed=3, progress=False, checkpoint_dir=tmp_path, checkpoint_every=3)
     assert rep.resumed and rep.start_step == 6 and rep.end_step == 10 and not rep.notes
     assert [s for s, _ in rep.history] == list(range(1, 11))
-    assert _same(whole.model, resumed.model)
+    assert same_state(whole.model, snapshot(resumed.model))
     # nothing left to do: a third call resumes at the end and trains nothing
     again = recover(original, resumed, small, steps=10, seed=3, progress=False, checkpoint_dir=tmp_path)
-    assert again.start_step == again.end_step == 10 and _same(whole.model, resumed.model)
+    assert again.start_step == again.end_step == 10 and same_state(whole.model, snapshot(resumed.model))
 
 
 def test_checkpoint_of_another_model_is_refused(original, small, calibrated_gn, tmp_path):
     recover(original, copy.deepcopy(calibrated_gn), small, steps=2, seed=0, progress=False, checkpoint_dir=tmp_path)
-    other = normswap.rewrite(original, "ln-channels", (torch.zeros(2, 1, 8, 8),))
+    other = swap_digits(original, "ln-channels")
     with pytest.raises(InputError) as e:
         recover(original, other, small, steps=4, progress=False, checkpoint_dir=tmp_path)
     assert "does not fit this model" in str(e.value) and "\n" not in str(e.value)
@@ -128,7 +118,7 @@ def test_recovery_fixes_what_calibration_cannot(original):
     much of it (measured on held-out data: on the calibration data the readout refit already fits)."""
     x, _ = load_digits("test")
     data = calibration_batches("digits", samples=256, batch=32)
-    conv = normswap.rewrite(original, "in", (torch.zeros(2, 1, 8, 8),))
+    conv = swap_digits(original, "in")
     calibrate(original, conv, data)
     before = agreement(original, conv.model, x)["top1_agreement"]
     recover(original, conv, data, steps=100, seed=0, progress=False)
@@ -153,7 +143,7 @@ def test_keep_function_stages_and_drift_plot(original, tmp_path):
 
     heldout = load_digits("test")
     data = calibration_batches("digits", samples=64, batch=32)
-    conv = normswap.rewrite(original, "gn", (torch.zeros(2, 1, 8, 8),))
+    conv = swap_digits(original, "gn")
     rep = keep_function(original, conv, data, heldout=heldout, heldout_name="digits test", recover_steps=4,
                         progress=False, plot=tmp_path / "r.drift.png")
     assert [s.stage for s in rep.stages] == ["naive", "calibrated", "recovered"]
@@ -178,16 +168,7 @@ def test_keep_function_stages_and_drift_plot(original, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_app():
-    import typer
-
-    from cli.recover_cmd import recover as recover_cmd
-
-    app = typer.Typer()
-    app.command("recover")(recover_cmd)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command keeps typer from collapsing the app into one command
-        pass
+    from cli.main import app
 
     return app
 
@@ -206,7 +187,7 @@ def test_recover_command_saves_and_resumes(original, tmp_path, cli_app):
     assert out1["recovery"]["end_step"] == 3 and out1["heldout"]["original_accuracy"] == 1.0
     assert (saved / "recover-checkpoints" / STATE_FILE).is_file()
     reloaded = normswap.load_conversion(saved)
-    assert not _same(reloaded.model, conv.model)  # the recovered weights were saved back
+    assert not same_state(reloaded.model, snapshot(conv.model))  # the recovered weights were saved back
     r2 = runner.invoke(cli_app, [*args, "--steps", "5"])
     out2 = json.loads(r2.stdout)
     assert out2["recovery"]["resumed"] and out2["recovery"]["start_step"] == 3 and out2["recovery"]["end_step"] == 5
