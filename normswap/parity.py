@@ -643,8 +643,12 @@ def check_parity(
     rtol: float = DEFAULT_RTOL,
     ort_threads: int | None = None,
     ort_optimization: str = "all",
+    reference_name: str = "original",
 ) -> ParityResult:
     """Compare ``rewritten`` and the ONNX file against ``original`` (and ONNX against ``rewritten``).
+
+    ``reference_name`` labels ``original`` in the comparison pairs, e.g. "rewritten" when checking a
+    function-changing swap against its own export (``check_parity(swapped, None, onnx, ...)``).
 
     Inputs: ``inputs`` as ``[(label, (x, ...)), ...]``, else seeded random tensors of
     ``input_shape`` at each of ``batch_sizes``; ``samples`` (a user tensor ``[N, ...]`` or a tuple
@@ -670,6 +674,8 @@ def check_parity(
     if onnx_path is not None:
         result.notes.append(f"onnxruntime CPU, optimization={ort_optimization}, threads={ort_threads or 'default'}")
 
+    pair_rewritten = PAIR_ORIGINAL_REWRITTEN.replace("original", reference_name, 1)
+    pair_ort = PAIR_ORIGINAL_ORT.replace("original", reference_name, 1)
     with eval_mode(original, rewritten):
         for label, xs in batches:
             try:
@@ -681,19 +687,19 @@ def check_parity(
             if rewritten is not None:
                 try:
                     cand = _run_torch(rewritten, xs)
-                    result.stats.extend(compare(ref, cand, pair=PAIR_ORIGINAL_REWRITTEN, batch=label, atol=atol, rtol=rtol))
+                    result.stats.extend(compare(ref, cand, pair=pair_rewritten, batch=label, atol=atol, rtol=rtol))
                 except Exception as e:
                     cand = None
-                    result.stats.append(_run_failure(PAIR_ORIGINAL_REWRITTEN, label, f"the rewritten model raised {first_line(e)}"))
+                    result.stats.append(_run_failure(pair_rewritten, label, f"the rewritten model raised {first_line(e)}"))
             if onnx_path is not None:
                 try:
                     ort_out = run_onnxruntime(onnx_path, xs, threads=ort_threads, optimization=ort_optimization)
                 except InputError:
                     raise
                 except NormswapError as e:
-                    result.stats.append(_run_failure(PAIR_ORIGINAL_ORT, label, str(e)))
+                    result.stats.append(_run_failure(pair_ort, label, str(e)))
                     continue
-                result.stats.extend(compare(ref, ort_out, pair=PAIR_ORIGINAL_ORT, batch=label, atol=atol, rtol=rtol))
+                result.stats.extend(compare(ref, ort_out, pair=pair_ort, batch=label, atol=atol, rtol=rtol))
                 if cand is not None:
                     result.stats.extend(compare(cand, ort_out, pair=PAIR_REWRITTEN_ORT, batch=label, atol=atol, rtol=rtol))
     return result

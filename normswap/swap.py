@@ -118,7 +118,7 @@ def swap(
             continue
         prod_name, prod, why_no_prod = _producer(site)
         sw = registry.SwapSite(bn=site.module, num_features=int(registry.bn_num_features(site.module) or 0),
-                               spatial_dims=dims, producer=prod, groups=groups,
+                               spatial_dims=dims, producer=prod, producer_reason=why_no_prod, groups=groups,
                                spatial_size=min(sizes) if sizes else None)
         why = target.can_swap(sw)
         if why is not None:
@@ -139,8 +139,6 @@ def swap(
             assert prod_name is not None
             set_module(work, prod_name, build.producer)
             act.target = prod_name
-        elif prod is None and why_no_prod and to in ("gn-ws", "wn"):
-            build.notes.append(f"producer left as is: {why_no_prod}")
         act.action, act.exact, act.notes = "swapped", target.exact, list(build.notes)
         done.add(site.name)
     result.model = work

@@ -96,10 +96,10 @@ def _build_gn(site: SwapSite) -> SwapBuild:
     return SwapBuild(norm=group_norm_from_bn(site.bn, g), notes=group_notes(site.num_features, g, site.spatial_dims))
 
 
-def _ws_applicable(producer: nn.Module | None) -> str | None:
+def _ws_applicable(producer: nn.Module | None, why_none: str | None = None) -> str | None:
     """None if the producer gets WS; else why it keeps its plain weight (a note, not a refusal)."""
     if producer is None:
-        return "no conv feeds only this BN: GN without weight standardization"
+        return f"no conv feeds only this BN ({why_none or 'none found'}): GN without weight standardization"
     if type(producer) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         return (
             f"producer is {type(producer).__name__}, not a plain nn.Conv1d/2d/3d: "
@@ -119,7 +119,7 @@ def _check_gn_ws(site: SwapSite) -> str | None:
 
 def _build_gn_ws(site: SwapSite) -> SwapBuild:
     build = _build_gn(site)
-    why_not = _ws_applicable(site.producer)
+    why_not = _ws_applicable(site.producer, site.producer_reason)
     if why_not is not None:
         build.notes.append(why_not)
     else:

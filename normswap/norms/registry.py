@@ -130,6 +130,8 @@ class SwapSite:
     spatial_dims: int
     #: the Conv/Linear whose output feeds ONLY this BN (None if there is none or it is shared).
     producer: nn.Module | None = None
+    #: why ``producer`` is None (e.g. the conv's output also feeds other nodes), for builders' notes.
+    producer_reason: str | None = None
     #: the user's --groups.
     groups: int | None = None
     #: number of spatial positions per channel (H·W…) seen on the example input; None if unknown.

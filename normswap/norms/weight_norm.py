@@ -171,10 +171,11 @@ class MeanOnlyBatchNorm(nn.Module):
         return f"{self.num_features}, momentum={self.momentum}, spatial_dims={self.spatial_dims}"
 
 
-def wn_refusal(producer: nn.Module | None, bn: nn.Module | None = None) -> str | None:
+def wn_refusal(producer: nn.Module | None, bn: nn.Module | None = None, why_none: str | None = None) -> str | None:
     """Why a producer (+ BN) pair cannot become WNConv → MeanOnlyBatchNorm, or None."""
     if producer is None:
-        return "weight norm needs the conv/linear that feeds only this BN, and there is none"
+        return ("weight norm needs the conv/linear that feeds only this BN, and there is none"
+                + (f" ({why_none})" if why_none else ""))
     if type(producer) not in (*_CONVS, nn.Linear):
         return (
             f"weight norm applies to nn.Conv1d/2d/3d and nn.Linear producers, not {type(producer).__name__}"
@@ -227,7 +228,7 @@ def from_conv_bn(
 
 
 def _check(site: SwapSite) -> str | None:
-    return wn_refusal(site.producer, site.bn)
+    return wn_refusal(site.producer, site.bn, site.producer_reason)
 
 
 def _build(site: SwapSite) -> SwapBuild:
