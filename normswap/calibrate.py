@@ -648,7 +648,6 @@ class _Readout:
         b0 = linear.bias.detach().double() if linear.bias is not None else torch.zeros(k, dtype=torch.float64, device=dev)
         self.W0 = torch.cat([w0.t(), b0[None]], 0)  # [D+1, K]
         self.W = self.W0.clone()
-        self.rows = 0
 
     def add(self, f: Tensor, t: Tensor) -> None:
         f = f.detach().reshape(-1, f.shape[-1]).double()
@@ -877,7 +876,7 @@ def calibrate(
     each site's output matches the original BatchNorm's on ``batches`` (see the module docstring).
 
     ``conversion_or_model``: a :class:`~normswap.Conversion` (its ``.model`` is calibrated *in place*)
-    or the swapped ``nn.Module`` itself. ``original`` is not modified (a copy runs as the teacher).
+    or the swapped ``nn.Module`` itself. ``original`` is not modified (it runs as the teacher with temporary hooks; its flags are restored).
     ``batches``: :func:`normswap.data.calibration_batches` output, a tensor, or an iterable of
     tensors / tuples of input tensors (re-iterable when ``passes`` > 1). ``sites``: calibrate only
     these site names. ``readout``: refit the final Linear to the original's outputs (None = when the

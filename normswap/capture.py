@@ -17,12 +17,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import first_line
+from .norms.registry import site_kind
 
 __all__ = ["TracedPart", "Capture", "NormTracer", "capture", "propagate_shapes", "is_norm_module", "trace", "first_line"]
 
 # BatchNorm look-alikes that are not ``_BatchNorm`` subclasses; matched by class name so that
 # neither torchvision nor timm has to be imported.
-_FROZEN_BN_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
 
 
 def is_norm_module(m: nn.Module) -> bool:
@@ -30,9 +30,7 @@ def is_norm_module(m: nn.Module) -> bool:
     ``BatchNormAct2d``), frozen BNs, SyncBN, and normswap's own layers.  Kept whole so a pass sees
     the module — tracing *into* ``BatchNormAct2d`` would hide it as ``F.batch_norm`` + act, and
     ``FrozenBatchNorm2d`` would dissolve into rsqrt/mul/add."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return True
-    if type(m).__name__ in _FROZEN_BN_NAMES:
+    if site_kind(m) is not None:  # every BatchNorm kind normswap knows, frozen and sync included
         return True
     mod = type(m).__module__
     return mod.startswith(("normswap.norms.", "normswap.layers"))

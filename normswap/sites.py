@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from .capture import Capture, TracedPart
 from .layers import is_identity
+from .norms.registry import site_kind
 
 __all__ = [
     "NormSite",
@@ -41,7 +42,6 @@ _STD_FORWARDS = {
 # timm classes whose forward is "batch norm, then self.drop, then self.act" (read from timm's
 # norm_act.py); matched by name and module so timm need not be imported.
 _NORM_ACT = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
-_FROZEN = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
 
 FOLD_ACTIONS = {
     "into-producer": "folded into the preceding layer's weights",
@@ -66,9 +66,9 @@ def _is_timm(m: nn.Module, names: set[str]) -> bool:
 
 
 def _is_frozen(m: nn.Module) -> bool:
-    return type(m).__name__ in _FROZEN and all(
-        hasattr(m, a) for a in ("weight", "bias", "running_mean", "running_var", "eps")
-    )
+    """torchvision's / timm's FrozenBatchNorm2d(Act2d) and normswap's own FrozenBatchNorm (the output
+    of ``--to frozen``): one definition, :func:`normswap.norms.registry.site_kind`."""
+    return site_kind(m) == "frozen" and hasattr(m, "eps")
 
 
 def is_bn_site_module(m: nn.Module) -> bool:

@@ -16,6 +16,7 @@ from normswap.fold import (
     fold_bn_into_conv_input,
     fold_conv_bn_weights,
 )
+import normswap
 from normswap.layers import ChannelAffine
 from tests.helpers import count_bn, randomize_bn, rel_err, same_state, snapshot
 
@@ -386,3 +387,22 @@ def test_result_shares_no_module_with_the_callers_model():
     assert not ptrs & {t.data_ptr() for t in list(res.model.parameters()) + list(res.model.buffers())}
     lins = [m for m in res.model.modules() if isinstance(m, nn.Linear)]
     assert len({id(m) for m in lins}) == 1, "a layer used twice must stay one layer"
+
+
+def test_folds_normswaps_own_frozen_batchnorm():
+    """The output of `--to frozen` (normswap's FrozenBatchNorm) folds like torchvision's: one
+    definition of a frozen BN for capture, sites and the registry."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 16),
+                      nn.BatchNorm1d(16)).eval()
+    with torch.no_grad():
+        for bn in (m[1], m[5]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    frozen = normswap.rewrite(m, "frozen", (x,)).model
+    res = normswap.rewrite(frozen, "fold", (x,))
+    assert res.summary() == {"into-producer": 2}
+    assert not any("Frozen" in type(k).__name__ for k in res.model.modules())
+    with torch.no_grad():
+        assert torch.allclose(res.model(x), m(x), atol=1e-5)
