@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import normswap
 from normswap.fold import (
     bn_scale_shift,
     fold,
     fold_bn_into_conv_input,
     fold_conv_bn_weights,
 )
-import normswap
 from normswap.layers import ChannelAffine
 from tests.helpers import count_bn, randomize_bn, rel_err, same_state, snapshot
 

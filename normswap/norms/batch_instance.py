@@ -24,7 +24,18 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from .registry import copy_affine_, copy_running_stats_, NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
+from .registry import (
+    NormTarget,
+    SwapBuild,
+    SwapSite,
+    bn_state,
+    copy_affine_,
+    copy_running_stats_,
+    like_bn,
+    register,
+    register_running_stats_,
+    running_factor_,
+)
 
 
 class BatchInstanceNorm(nn.Module):
@@ -46,14 +57,7 @@ class BatchInstanceNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.rho = nn.Parameter(torch.full((num_features,), float(rho_init)))
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features))
-            self.register_buffer("running_var", torch.ones(num_features))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        register_running_stats_(self, num_features, track_running_stats)
 
     def clip_rho_(self) -> None:
         """Clip ρ to [0, 1] in place (the paper does this after each parameter update)."""
@@ -63,9 +67,7 @@ class BatchInstanceNorm(nn.Module):
     def _average_factor(self) -> float:
         # nn.BatchNorm's rule: momentum, or a cumulative average when momentum is None
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                return 1.0 / float(self.num_batches_tracked)
+            return running_factor_(self.num_batches_tracked, self.momentum)
         return 0.0 if self.momentum is None else self.momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +93,7 @@ class BatchInstanceNorm(nn.Module):
         s = bn_state(bn)
         new = cls(s.num_features, s.eps, s.momentum, s.track_running_stats, rho_init=rho)
         copy_affine_(new, s)
-        if s.track_running_stats:
-            copy_running_stats_(new, s)
+        copy_running_stats_(new, s)
         return like_bn(new, bn)
 
     def extra_repr(self) -> str:

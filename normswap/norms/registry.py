@@ -243,8 +243,26 @@ def copy_affine_(norm: nn.Module, state: BNState) -> None:
 
 
 
+def register_running_stats_(norm: nn.Module, num_features: int, track: bool) -> None:
+    """BatchNorm's buffers on ``norm``: running_mean 0, running_var 1, num_batches_tracked 0 — or all
+    three None when it does not track running statistics (as nn.BatchNorm registers them)."""
+    norm.register_buffer("running_mean", torch.zeros(num_features) if track else None)
+    norm.register_buffer("running_var", torch.ones(num_features) if track else None)
+    norm.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long) if track else None)
+
+
+def running_factor_(num_batches_tracked: torch.Tensor, momentum: float | None) -> float:
+    """Count one training step and return nn.BatchNorm's update factor for it: ``momentum``, or
+    1/steps (a cumulative average) when ``momentum`` is None."""
+    num_batches_tracked.add_(1)
+    return 1.0 / float(num_batches_tracked) if momentum is None else momentum
+
+
 def copy_running_stats_(norm: nn.Module, state: BNState) -> None:
-    """Copy running mean/var (and the step count when both track it) into ``norm``'s buffers."""
+    """Copy running mean/var (and the step count when both track it) into ``norm``'s buffers;
+    nothing when the BN tracks no running statistics."""
+    if state.running_mean is None:
+        return
     with torch.no_grad():
         norm.running_mean.copy_(state.running_mean)
         norm.running_var.copy_(state.running_var)

@@ -33,7 +33,18 @@ import math
 import torch
 from torch import nn
 
-from .registry import copy_affine_, copy_running_stats_, NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
+from .registry import (
+    NormTarget,
+    SwapBuild,
+    SwapSite,
+    bn_state,
+    copy_affine_,
+    copy_running_stats_,
+    like_bn,
+    register,
+    register_running_stats_,
+    running_factor_,
+)
 
 DEFAULT_MIX_INIT = 0.9
 
@@ -64,14 +75,7 @@ class SwitchableNorm(nn.Module):
         # uniform mixture for a fresh layer, as the paper's code initializes it
         self.mean_logits = nn.Parameter(torch.zeros(k))
         self.var_logits = nn.Parameter(torch.zeros(k))
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features))
-            self.register_buffer("running_var", torch.ones(num_features))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        register_running_stats_(self, num_features, track_running_stats)
 
     def mixture_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w, w'): softmax of the mean and variance logits, ordered as ``self.branches``."""
@@ -91,8 +95,7 @@ class SwitchableNorm(nn.Module):
     def _update_running(self, mean_bn: torch.Tensor, var_bn: torch.Tensor, count: int) -> None:
         if isinstance(count, int) and count < 2:  # (a torch.fx Proxy skips the check)
             raise ValueError("SwitchableNorm: expected more than 1 value per channel when training")
-        self.num_batches_tracked.add_(1)
-        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        f = running_factor_(self.num_batches_tracked, self.momentum)
         unbiased = var_bn * (count / (count - 1))  # BN's running variance is the unbiased estimate
         with torch.no_grad():
             self.running_mean.mul_(1.0 - f).add_(mean_bn.detach(), alpha=f)
@@ -134,8 +137,7 @@ class SwitchableNorm(nn.Module):
         new = cls(s.num_features, spatial_dims, s.eps, s.momentum, s.track_running_stats)
         new.set_mixture_(mix_init)
         copy_affine_(new, s)
-        if s.track_running_stats:
-            copy_running_stats_(new, s)
+        copy_running_stats_(new, s)
         return like_bn(new, bn)
 
     def extra_repr(self) -> str:

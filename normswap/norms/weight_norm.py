@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from .registry import NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register
+from .registry import NormTarget, SwapBuild, SwapSite, bn_state, like_bn, register, running_factor_
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -156,8 +156,7 @@ class MeanOnlyBatchNorm(nn.Module):
             dims = (0,) + tuple(range(2, 2 + k))
             mean = x.mean(dim=dims)
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                f = running_factor_(self.num_batches_tracked, self.momentum)
                 self.running_mean.mul_(1.0 - f).add_(mean.detach(), alpha=f)
         else:
             mean = self.running_mean
