@@ -63,7 +63,7 @@ DEFAULT_MODEL_SPEC = "normswap.models.digits:digits_resnet"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".pt.tar")
 """File endings read with ``torch.load``."""
 
-MODEL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", ".pt.tar")
+MODEL_FILE_SUFFIXES = TORCH_SUFFIXES
 """A MODEL spec with one of these endings and no ``:`` names a whole pickled module."""
 
 CHECKPOINT_KEYS = (
@@ -438,15 +438,7 @@ def load_state_dict_file(
     p = _existing_file(path, "weights file")
     notes: list[str] = []
     if _has_suffix(p, (".safetensors",)):
-        from safetensors.torch import load_file
-
-        try:
-            obj: Any = load_file(str(p), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors
-            raise _error(
-                f"weights file '{p}' is not a valid safetensors file ({_describe_exc(exc)}); "
-                "it may be truncated or corrupt: re-save or re-download it"
-            ) from exc
+        obj: Any = _read_safetensors(p, "weights file", "re-save or re-download it")
     elif _has_suffix(p, TORCH_SUFFIXES):
         if trust_pickle:
             if _is_torchscript_zip(p):
@@ -649,6 +641,24 @@ def load_pickled_module(path: str | Path, *, trust_pickle: bool) -> torch.nn.Mod
 # --------------------------------------------------------------------------- tensors
 
 
+def _read_safetensors(p: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` on the CPU; a bad file is one clear error saying ``fix``."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and I/O errors
+        raise _error(
+            f"{what} '{p}' is not a valid safetensors file ({_describe_exc(exc)}); "
+            f"it may be truncated or corrupt: {fix}"
+        ) from exc
+
+
+def _one_or_tuple(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """One model input as a tensor, several as the tuple."""
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
 def _check_samples(p: Path, tensors: Sequence[Any]) -> tuple[torch.Tensor, ...]:
     """Every item a tensor with a non-empty, shared leading (batch) dimension."""
     if not tensors:
@@ -709,11 +719,8 @@ def load_tensor_file(path: str | Path) -> torch.Tensor | tuple[torch.Tensor, ...
                     "one tensor per model input"
                 )
             obj = tensors[0][1]
-        if isinstance(obj, torch.Tensor):
-            return _check_samples(p, [obj])[0]
-        if isinstance(obj, (tuple, list)):
-            out = _check_samples(p, list(obj))
-            return out[0] if len(out) == 1 else out
+        if isinstance(obj, (torch.Tensor, tuple, list)):
+            return _one_or_tuple(_check_samples(p, [obj] if isinstance(obj, torch.Tensor) else list(obj)))
         raise _error(
             f"sample file '{p}' holds a {type(obj).__name__}; save a tensor or a tuple of tensors"
         )
@@ -728,8 +735,8 @@ def load_tensor_file(path: str | Path) -> torch.Tensor | tuple[torch.Tensor, ...
                 else:
                     with loaded:
                         arrays = [loaded[k] for k in sorted(loaded.files, key=_natural_key)]
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
                 raise _error(
                     f"sample file '{p}' holds Python objects (pickled), which are refused; save "
                     "a numeric array"
@@ -738,25 +745,10 @@ def load_tensor_file(path: str | Path) -> torch.Tensor | tuple[torch.Tensor, ...
                 f"sample file '{p}' is not a valid numpy file ({_describe_exc(exc)}); it may be "
                 "truncated or corrupt: re-save it"
             ) from exc
-        except Exception as exc:  # noqa: BLE001
-            raise _error(
-                f"sample file '{p}' is not a valid numpy file ({_describe_exc(exc)}); it may be "
-                "truncated or corrupt: re-save it"
-            ) from exc
-        out = _check_samples(p, [_from_numpy(p, a) for a in arrays])
-        return out[0] if len(out) == 1 else out
+        return _one_or_tuple(_check_samples(p, [_from_numpy(p, a) for a in arrays]))
     if _has_suffix(p, (".safetensors",)):
-        from safetensors.torch import load_file
-
-        try:
-            loaded_st = load_file(str(p), device="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise _error(
-                f"sample file '{p}' is not a valid safetensors file ({_describe_exc(exc)}); it "
-                "may be truncated or corrupt: re-save it"
-            ) from exc
-        out = _check_samples(p, [loaded_st[k] for k in sorted(loaded_st, key=_natural_key)])
-        return out[0] if len(out) == 1 else out
+        loaded_st = _read_safetensors(p, "sample file", "re-save it")
+        return _one_or_tuple(_check_samples(p, [loaded_st[k] for k in sorted(loaded_st, key=_natural_key)]))
     raise _error(f"sample file '{p}' has an unknown extension; use .pt, .npy, .npz or .safetensors")
 
 
