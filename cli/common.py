@@ -182,6 +182,15 @@ def torchrun_aware(*writes: str) -> Callable[[F], F]:
     return deco
 
 
+def write_json(path: Any, obj: Any) -> None:
+    """The JSON report at ``path``, written atomically (no half-written file on failure)."""
+    import json
+
+    from normswap.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
 def print_json(obj: Any) -> None:
     import json
 

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from normswap.atomic import atomic_write_text
 
 from .calibrate_cmd import (
     DEFAULT_CALIB_BATCH,
@@ -33,6 +32,7 @@ from .common import (
     load,
     print_json,
     torchrun_aware,
+    write_json,
 )
 
 DEFAULT_TARGETS = "fold,gn-ws,gn,ln,ln-channels,in,sn,bin,wn,frozen"
@@ -81,9 +81,7 @@ def compare(
         model_name=loaded.spec or "bundled digits ResNet",
     )
     if report is not None:
-        import json
-
-        atomic_write_text(report, json.dumps(rep.to_dict(), indent=2, default=str))
+        write_json(report, rep.to_dict())
     if json_out:
         print_json(rep.to_dict())
     else:

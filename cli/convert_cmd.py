@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 import normswap
-from normswap.atomic import atomic_write_text, staging_dir
+from normswap.atomic import staging_dir
 from normswap.report import build_report, sites_table
 
 from .calibrate_cmd import (
@@ -43,6 +43,7 @@ from .common import (
     load_samples,
     print_json,
     torchrun_aware,
+    write_json,
 )
 
 
@@ -126,9 +127,7 @@ def convert(
         }
     rep = build_report(conv, model=model_info, export=exported, parity=parity, timings=times, extra=extra_rep)
     if report is not None:
-        import json
-
-        atomic_write_text(report, json.dumps(rep, indent=2, default=str))
+        write_json(report, rep)
 
     if json_out:
         print_json(rep)
@@ -147,8 +146,8 @@ def convert(
             d = extra_rep["drift_vs_original"]
             console.print(f"drift vs the original (eval, batches 1 and 3{' + samples' if extra is not None else ''}): "
                           f"max rel err {d['max_rel']:.2e}" + (f", top-1 agreement {d['top1']:.1%}" if d["top1"] is not None else ""))
-        info = conv.target_info()
         if to != "fold":
+            info = conv.target_info()
             console.print(f"target '{to}': {info['summary']}; "
                           + ("exact: reproduces the original eval function" if info["exact"] else
                              "changes the function: calibrate (--calib) or fine-tune to recover accuracy"))

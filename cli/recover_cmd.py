@@ -6,14 +6,12 @@ exists, and saves the recovered conversion back into SAVED_DIR (or ``--out``), a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 import normswap
-from normswap.atomic import atomic_write_text
 from normswap.errors import InputError
 from normswap.recover import DEFAULT_LR, DEFAULT_TEMPERATURE
 
@@ -41,6 +39,7 @@ from .common import (
     is_main_process,
     print_json,
     torchrun_aware,
+    write_json,
 )
 
 CHECKPOINTS = "recover-checkpoints"
@@ -100,7 +99,7 @@ def recover(
         result["heldout"] = {"data": name, "top1_agreement": agreement(teacher.model, conv.model, x)["top1_agreement"],
                              "accuracy": accuracy(conv.model, x, y), "original_accuracy": accuracy(teacher.model, x, y)}
     if report is not None:
-        atomic_write_text(report, json.dumps(result, indent=2, default=str))
+        write_json(report, result)
     if json_out:
         print_json(result)
         return
