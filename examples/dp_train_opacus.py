@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
             if step >= args.steps:
                 break
     eps = engine.get_epsilon(args.delta)
-    dp_acc = accuracy(dp_model._module if hasattr(dp_model, "_module") else dp_model, x_test, y_test)
-    agree = agreement(original, dp_model._module if hasattr(dp_model, "_module") else dp_model, x_test)["top1_agreement"]
+    net = getattr(dp_model, "_module", dp_model)  # Opacus' GradSampleModule wraps the model
+    dp_acc = accuracy(net, x_test, y_test)
+    agree = agreement(original, net, x_test)["top1_agreement"]
     print(f"DP-SGD: {step} steps, noise {args.noise}, clip {args.clip}: ε = {eps:.2f} (δ = {args.delta}); "
           f"held-out accuracy {dp_acc:.4f}, agreement with the original {agree:.4f}")
     return {"ok": True, "epsilon": eps, "accuracy": dp_acc, "calibrated_accuracy": cal_acc, "steps": step}

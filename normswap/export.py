@@ -409,16 +409,7 @@ def _export_torchscript(
         dynamic_axes=dynamic_axes, do_constant_folding=True,
     )
     if external or any(p.name != file.name for p in file.parent.iterdir()):
-        import onnx  # re-save as one .onnx + one .onnx.data (a >2 GB TorchScript export writes one file per tensor)
-
-        proto = onnx.load(str(file))
-        for p in file.parent.iterdir():
-            p.unlink()
-        if external:
-            onnx.save_model(proto, str(file), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=file.name + ".data", size_threshold=0)
-        else:
-            onnx.save_model(proto, str(file))
+        _consolidate(file, external)  # a >2 GB TorchScript export writes one file per tensor
 
 
 def _export_dynamo(
@@ -441,13 +432,19 @@ def _export_dynamo(
     # torch names the data file "<file>.data"; make sure that is what we ship
     produced = [p for p in file.parent.iterdir() if p.name != file.name]
     if produced and (external is False or [p.name for p in produced] != [file.name + ".data"]):
-        import onnx
+        _consolidate(file, external)
 
-        proto = onnx.load(str(file))
-        for p in file.parent.iterdir():
-            p.unlink()
-        onnx.save_model(proto, str(file), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=file.name + ".data", size_threshold=0)
+
+def _consolidate(file: Path, external: bool) -> None:
+    """Re-save the export in ``file``'s (private) folder as exactly ``file`` plus, when ``external``,
+    one ``file.data`` holding every tensor — whatever files the exporter wrote."""
+    import onnx
+
+    proto = onnx.load(str(file))
+    for p in file.parent.iterdir():
+        p.unlink()
+    onnx.save_model(proto, str(file), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=file.name + ".data", size_threshold=0)
 
 
 def _check_and_verify(

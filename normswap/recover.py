@@ -458,6 +458,8 @@ def recover(
     step = start
     try:
         teacher.eval()
+        model.train()  # the evals below run under eval_mode, which restores these flags
+        _freeze_left_bns(model)
         cyc = _Cycle(data, start)
         with bar:
             while step < steps:
@@ -470,8 +472,6 @@ def recover(
                 batch = _to(batch, device)
                 if augment:
                     batch = _augment(batch, shift)
-                model.train()
-                _freeze_left_bns(model)
                 if tap is not None:
                     tap.enabled = True
                 with torch.no_grad():

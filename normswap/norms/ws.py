@@ -60,6 +60,10 @@ class _WSConvMixin:
     _plain: type[nn.Module]
     eps: float
 
+    def __init__(self, *args, eps: float = DEFAULT_EPS, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # nn.ConvNd's, next in the MRO
+        self._ws_init(eps)
+
     def _ws_init(self, eps: float) -> None:
         self.eps = float(eps)
         reason = ws_refusal(self)
@@ -116,29 +120,17 @@ class WSConv1d(_WSConvMixin, nn.Conv1d):
 
     _plain = nn.Conv1d
 
-    def __init__(self, *args, eps: float = DEFAULT_EPS, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._ws_init(eps)
-
 
 class WSConv2d(_WSConvMixin, nn.Conv2d):
     """nn.Conv2d with weight standardization: y = conv(x, (W − μ)/√(σ² + ε)) + b."""
 
     _plain = nn.Conv2d
 
-    def __init__(self, *args, eps: float = DEFAULT_EPS, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._ws_init(eps)
-
 
 class WSConv3d(_WSConvMixin, nn.Conv3d):
     """nn.Conv3d with weight standardization: y = conv(x, (W − μ)/√(σ² + ε)) + b."""
 
     _plain = nn.Conv3d
-
-    def __init__(self, *args, eps: float = DEFAULT_EPS, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._ws_init(eps)
 
 
 @contextlib.contextmanager
