@@ -156,20 +156,16 @@ def rewrite(
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_inputs(example_inputs)
     options = {"groups": groups} if to != "fold" and groups is not None else {}
-    reference, ref_out = None, None
-    if inputs is not None:
-        # one eval run of the original (flags restored, no grad: nothing of the caller's changes):
-        # bad example inputs are the user's to fix, and its output is what an exact rewrite must
-        # reproduce
-        reference = model
-        ref_out = _run_reference(reference, inputs)
+    # one eval run of the original (flags restored, no grad: nothing of the caller's changes): bad
+    # example inputs are the user's to fix, and its output is what an exact rewrite must reproduce
+    ref_out = _run_reference(model, inputs) if inputs is not None else None
     result = _run_pass(model, to, inputs, options, skip)
     conv = Conversion(
         model=result.model, to=to, result=result, options=options, input_shapes=_shapes(inputs),
         source=dict(source) if source else None,
     )
     if verify and inputs is not None and conv.exact:
-        conv.verification = verify_rewrite(reference, ref_out, conv, inputs, atol=atol, rtol=rtol)
+        conv.verification = verify_rewrite(model, ref_out, conv, inputs, atol=atol, rtol=rtol)
     return conv
 
 

@@ -248,15 +248,13 @@ def _producer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, nn
     if len(src.args) != 1 or src.kwargs:
         return f"{src.target} is called with extra arguments", m
     c = _num_features(site.module)
+    if isinstance(m, WEIGHTED) and type(m).forward not in PLAIN_FORWARDS:
+        return f"{src.target} ({type(m).__name__}) overrides forward", m
     if isinstance(m, CONV + CONVT):
-        if type(m).forward not in PLAIN_FORWARDS:
-            return f"{src.target} ({type(m).__name__}) overrides forward", m
         if m.out_channels != c:
             return f"{src.target} has {m.out_channels} output channels, BatchNorm has {c}", m
         return None, m
     if isinstance(m, nn.Linear):
-        if type(m).forward not in PLAIN_FORWARDS:
-            return f"{src.target} ({type(m).__name__}) overrides forward", m
         if m.out_features != c:
             return f"{src.target} has {m.out_features} outputs, BatchNorm has {c}", m
         if site.spatial_dims is None:

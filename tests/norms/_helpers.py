@@ -95,6 +95,12 @@ def onnx_parity(module: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> onnx.M
     return model
 
 
+def assert_fx_traceable(module: nn.Module, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+    """``torch.fx.symbolic_trace(module)`` computes what ``module`` (or ``ref``) does on ``x``."""
+    gm = torch.fx.symbolic_trace(module)
+    assert rel_err(gm(x), module(x) if ref is None else ref) <= 1e-6
+
+
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 

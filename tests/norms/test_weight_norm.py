@@ -15,6 +15,7 @@ from normswap.norms.weight_norm import MeanOnlyBatchNorm, WNConv, from_conv_bn
 from ._helpers import (
     CONV_FOR_RANK,
     assert_batch_independent,
+    assert_fx_traceable,
     make_input,
     onnx_parity,
     op_types,
@@ -171,9 +172,7 @@ def test_padding_modes_and_strides_survive(rank: int) -> None:
 def test_fx_traceable() -> None:
     wn, mob = from_conv_bn(_conv(2), trained_bn(2, 6))
     pair = nn.Sequential(wn, mob).eval()
-    gm = torch.fx.symbolic_trace(pair)
-    x = make_input(2, 4, 2)
-    assert rel_err(gm(x), pair(x)) <= 1e-6
+    assert_fx_traceable(pair, make_input(2, 4, 2))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
