@@ -688,14 +688,16 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path, swap_targets
             r["fold_profile"] = profile_fold(model, x)
 
     # the BN-folded ONNX is needed by the fold tables and as the reference of every swap target
-    folded_onnx: Path | None = workdir / f"{name}.normswap.onnx"
-    log(f"{name}: normswap convert (API: rewrite+verify, export_onnx, check_parity)")
-    try:
-        r["e2e_api"], exp = bench_e2e_api(model, x, folded_onnx, args.exporter, args.opset)
-    except Exception as e:
-        r["notes"].append(f"normswap convert (API) failed: {short_error(e)}")
-        log(traceback.format_exc())
-        folded_onnx = None
+    folded_onnx: Path | None = None
+    if "fold" in args.target_list or (swap_targets and name in args.swap_model_list):
+        folded_onnx = workdir / f"{name}.normswap.onnx"
+        log(f"{name}: normswap convert (API: rewrite+verify, export_onnx, check_parity)")
+        try:
+            r["e2e_api"], exp = bench_e2e_api(model, x, folded_onnx, args.exporter, args.opset)
+        except Exception as e:
+            r["notes"].append(f"normswap convert (API) failed: {short_error(e)}")
+            log(traceback.format_exc())
+            folded_onnx = None
 
     if "fold" in args.target_list:
         if not args.no_cli:
