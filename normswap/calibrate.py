@@ -196,12 +196,21 @@ def swapped_sites(original: nn.Module, model: nn.Module, conversion: Any = None,
 
 
 class _TeacherTap:
-    """Forward hooks on the teacher's BN modules recording each call's BN output (before any act)."""
+    """Forward hooks on the teacher's BN modules recording each call's BN output (before any act).
+
+    The recorded tensor is the module's own output, which a later in-place op of the teacher (a
+    torchvision ``ReLU(inplace=True)`` right after the BN) overwrites before anyone reads it. So the
+    first call at each site records a copy and watches the original's version counter; a site whose
+    output was changed in place keeps being copied, the others are recorded as is — and still checked
+    when read (:meth:`pop`), so a stale value is never used silently."""
 
     def __init__(self, teacher: nn.Module, names: Sequence[str], stats: bool = False, scratch: _Scratch | None = None) -> None:
         from .sites import bn_post_ops
 
-        self.outputs: dict[str, deque[Tensor]] = {n: deque() for n in names}
+        #: per call: (value, the module's output tensor when watched, its version when recorded)
+        self.outputs: dict[str, deque[tuple[Tensor, Tensor | None, int]]] = {n: deque() for n in names}
+        #: per site: does its output get changed in place later in the forward? (None: not known yet)
+        self.copy: dict[str, bool | None] = {n: None for n in names}
         #: with ``stats``: per call, the per-sample sums (Σ y², Σ y) of the output, taken in the hook
         #: while the output is still in cache (the student's hook needs them much later)
         self.stats: dict[str, deque[Tensor]] | None = {n: deque() for n in names} if stats else None
@@ -222,12 +231,39 @@ class _TeacherTap:
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if self.enabled:
                 t0 = time.perf_counter()
-                y = (out if plain else _bn_eval(mod, args[0])).detach()
-                self.outputs[name].append(y)
+                if plain:  # the module's own output: the rest of the forward may overwrite it in place
+                    y = out.detach()
+                    if y.is_inference():  # no version counter to watch
+                        entry = (y.clone(), None, 0)
+                    elif self.copy[name] is False:
+                        entry = (y, y, y._version)
+                    else:
+                        entry = (y.clone(), y, y._version)
+                else:  # a fresh tensor nobody else holds
+                    y = _bn_eval(mod, args[0]).detach()
+                    entry = (y, None, 0)
+                self.outputs[name].append(entry)
                 if self.stats is not None:
                     self.stats[name].append(_self_moments(y, self.scratch))
                 self.seconds += time.perf_counter() - t0
         return hook
+
+    def pop(self, name: str) -> Tensor | None:
+        """The oldest recorded output at ``name`` (None when there is none); call after the teacher's forward."""
+        q = self.outputs[name]
+        if not q:
+            return None
+        value, watched, version = q.popleft()
+        if watched is not None:
+            changed = watched._version != version
+            if value is watched and changed:
+                raise NormswapError(
+                    f"site {name}: the original's BatchNorm output was changed in place later in its forward, "
+                    "though it was not on the first batch (data-dependent in-place ops?); cannot read the BN's output"
+                )
+            if value is not watched:
+                self.copy[name] = bool(changed) or bool(self.copy[name])
+        return value
 
     def clear(self) -> None:
         for q in self.outputs.values():
@@ -316,7 +352,9 @@ def _quality(S: Tensor, coef_before: Tensor, coef_after: Tensor) -> dict[str, fl
     total = float(syy.sum())
     out: dict[str, float | None] = {}
     for tag, coef in (("before", coef_before), ("after", coef_after)):
-        sse = float((syy - 2 * (coef * r).sum(1) + torch.einsum("ci,cij,cj->c", coef, G, coef)).clamp_min(0).sum())
+        # per channel: Σy² − 2·coefᵀr + coefᵀG·coef (batched matmul: einsum's path search costs more here)
+        quad = (torch.bmm(G, coef.unsqueeze(-1)).squeeze(-1) * coef).sum(1)
+        sse = float((syy - 2 * (coef * r).sum(1) + quad).clamp_min(0).sum())
         out[f"r2_{tag}"] = 1.0 - sse / sst if sst > 0 else (1.0 if sse <= 1e-12 * max(total, 1e-30) else 0.0)
         out[f"rel_{tag}"] = math.sqrt(sse / total) if total > 0 else 0.0
     return out
@@ -933,13 +971,12 @@ def calibrate(
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             if fit.busy:
                 return None
-            q = tap.outputs[name]
-            if not q:
+            y = tap.pop(name)
+            if y is None:
                 raise NormswapError(
                     f"site {name} ran more often in the swapped model than in the original; calibration needs "
                     "the same call sequence (data-dependent control flow?)"
                 )
-            y = q.popleft()
             y_stats = tap.stats[name].popleft() if tap.stats is not None else None
             x = args[0]
             if out.shape != y.shape:
@@ -967,7 +1004,7 @@ def calibrate(
             f.enter()
             entered.append(f)
         handles = [_inner(smods[n]).register_forward_hook(student_hook(n, f)) for n, f in fits.items()]
-        with eval_mode(teacher, student), standardized_once(student):
+        with eval_mode(teacher, student), standardized_once(student), torch.no_grad():
             for p in range(passes):
                 if p > 0:
                     for f in fits.values():
@@ -1134,10 +1171,10 @@ def _evaluate(original: nn.Module, model: nn.Module, inputs: Any, sites: Sequenc
 
     def hook(name: str):
         def h(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            q = tap.outputs[name]
-            if not q:
+            t = tap.pop(name)
+            if t is None:
                 return
-            y = q.popleft().double()
+            y = t.double()
             o = out.detach().double()
             if o.shape == y.shape:
                 v = torch.stack([((o - y) ** 2).sum(), (y * y).sum()])

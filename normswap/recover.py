@@ -425,7 +425,8 @@ def recover(
             if n not in smods:
                 raise InputError(f"feature site {n} is not a module of the swapped model")
             handles.append(_inner(smods[n]).register_forward_hook(
-                lambda m, a, o, n=n: feats[n].append(o) if torch.is_grad_enabled() else None))
+                # a copy: the student's own in-place ops (ReLU(inplace=True)) would overwrite ``o`` before the loss
+                lambda m, a, o, n=n: feats[n].append(o.clone()) if torch.is_grad_enabled() else None))
 
     net: nn.Module = model
     if active:
@@ -484,9 +485,8 @@ def recover(
                     fl = []
                     for n in names:
                         for s_f in feats[n]:
-                            q = tap.outputs[n]
-                            if q:
-                                t_f = q.popleft()
+                            t_f = tap.pop(n)
+                            if t_f is not None:
                                 fl.append(((s_f - t_f) ** 2).sum() / (t_f * t_f).sum().clamp_min(1e-12))
                         feats[n].clear()
                     tap.clear()

@@ -457,6 +457,52 @@ def test_timm_norm_act_site_fits_the_pre_activation():
     assert rep.sites[0].r2_after > rep.sites[0].r2_before
 
 
+class _ConvBnRelu(nn.Module):
+    """conv → BN → ReLU(inplace) twice, the torchvision ResNet pattern: the ReLU overwrites the BN's output."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_inplace_relu_after_the_bn_does_not_change_what_is_fitted():
+    """The teacher's BN output is read after its whole forward; an in-place ReLU has overwritten it by
+    then. Calibration, drift and feature-matching recovery must see the BN's output, exactly as with
+    an out-of-place ReLU."""
+    from normswap.recover import recover
+
+    torch.manual_seed(0)
+    plain = _ConvBnRelu(inplace=False).eval()
+    with torch.no_grad():
+        for bn in (plain.bn1, plain.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    inplace = _ConvBnRelu(inplace=True).eval()
+    inplace.load_state_dict(plain.state_dict())
+    x = torch.randn(24, 3, 6, 6)
+    batches = [x[:8], x[8:16], x[16:]]
+    fitted, drifts, losses = [], [], []
+    for m in (plain, inplace):
+        conv = normswap.rewrite(m, "gn", (x[:2],), groups=2)
+        calibrate(m, conv, batches, readout=False)
+        fitted.append({k: v.clone() for k, v in conv.model.state_dict().items()})
+        drifts.append(layer_drift(m, conv.model, x, conversion=conv))
+        rep = recover(m, conv, batches, steps=3, feature_weight=1.0, augment=False, progress=False)
+        losses.append([v for _, v in rep.history])
+    for k in fitted[0]:
+        assert torch.equal(fitted[0][k], fitted[1][k]), k
+    assert drifts[0] == pytest.approx(drifts[1], rel=1e-6) and set(drifts[0]) == {"bn1", "bn2"}
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_shared_module_called_twice():
     class Twice(nn.Module):
         def __init__(self) -> None:
