@@ -19,6 +19,7 @@ CalibOpt = Annotated[str | None, typer.Option(
 CalibSamplesOpt = Annotated[int | None, typer.Option("--calib-samples", help="use at most this many calibration samples (default: all).")]
 CalibBatchOpt = Annotated[int, typer.Option("--calib-batch", help="calibration / recovery batch size.")]
 RecoverStepsOpt = Annotated[int, typer.Option("--recover-steps", help="after calibration, this many label-free distillation steps (0 = none).")]
+RecoverBatchOpt = Annotated[int | None, typer.Option("--recover-batch", help="recovery: samples per step, regrouped from the calibration data (default: --calib-batch).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed for recovery (same seed + data = same weights).")]
 LrOpt = Annotated[float, typer.Option("--lr", help="recovery: Adam learning rate (cosine-decayed).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", help="recovery: distillation temperature.")]
@@ -67,6 +68,7 @@ def keep_function_step(
     samples: int | None = None,
     batch: int = DEFAULT_CALIB_BATCH,
     recover_steps: int = 0,
+    recover_batch: int | None = None,
     seed: int = 0,
     report: Path | None = None,
     save: Path | None = None,
@@ -86,6 +88,6 @@ def keep_function_step(
     heldout, name = heldout_for(loaded)
     plot = plot_path(report, save)
     return keep_function(
-        loaded.model, conv, data, heldout=heldout, heldout_name=name, recover_steps=recover_steps, seed=seed,
-        progress=progress, plot=plot,
+        loaded.model, conv, data, heldout=heldout, heldout_name=name, recover_steps=recover_steps,
+        recover_batch=recover_batch, seed=seed, progress=progress, plot=plot,
     )

@@ -17,6 +17,7 @@ from .calibrate_cmd import (
     CalibBatchOpt,
     CalibOpt,
     CalibSamplesOpt,
+    RecoverBatchOpt,
     RecoverStepsOpt,
     SeedOpt,
     keep_function_step,
@@ -71,6 +72,7 @@ def convert(
     calib_samples: CalibSamplesOpt = None,
     calib_batch: CalibBatchOpt = DEFAULT_CALIB_BATCH,
     recover_steps: RecoverStepsOpt = 0,
+    recover_batch: RecoverBatchOpt = None,
     seed: SeedOpt = 0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -94,7 +96,7 @@ def convert(
     if calib is not None or recover_steps:
         t = time.perf_counter()
         kept = keep_function_step(loaded, conv, calib=calib, samples=calib_samples, batch=calib_batch,
-                                  recover_steps=recover_steps, seed=seed, report=report, save=save,
+                                  recover_steps=recover_steps, recover_batch=recover_batch, seed=seed, report=report, save=save,
                                   progress=not json_out)
         times["calibrate"] = time.perf_counter() - t
 

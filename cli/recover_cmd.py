@@ -22,6 +22,7 @@ from .calibrate_cmd import (
     FeatureWeightOpt,
     LrOpt,
     NoAugmentOpt,
+    RecoverBatchOpt,
     SeedOpt,
     TargetAgreementOpt,
     TemperatureOpt,
@@ -53,6 +54,7 @@ def recover(
     steps: Annotated[int, typer.Option("--steps", help="distillation steps (one batch each).")] = 200,
     calib_samples: CalibSamplesOpt = None,
     calib_batch: CalibBatchOpt = DEFAULT_CALIB_BATCH,
+    recover_batch: RecoverBatchOpt = None,
     lr: LrOpt = DEFAULT_LR,
     temperature: TemperatureOpt = DEFAULT_TEMPERATURE,
     feature_weight: FeatureWeightOpt = 0.0,
@@ -87,7 +89,7 @@ def recover(
     rep = run_recover(
         teacher.model, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
         seed=seed, augment=not no_augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every,
-        resume=not no_resume, target_agreement=target_agreement, progress=not json_out,
+        resume=not no_resume, target_agreement=target_agreement, progress=not json_out, batch_size=recover_batch,
     )
     dest = out if out is not None else saved_dir
     if is_main_process():  # under torchrun every rank holds the same model; one writes it

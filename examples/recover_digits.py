@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=64, help="calibration and recovery batch size")
     p.add_argument("--steps", type=int, default=200, help="recovery steps (0 = calibration only)")
     p.add_argument("--lr", type=float, default=2e-3, help="recovery learning rate (Adam, cosine)")
+    p.add_argument("--recover-batch", type=int, default=None,
+                   help="recovery samples per step, regrouped from the calibration data (default: --batch); "
+                        "256 with --lr 3e-3 lifts gn-ws to 10/10 seeds >= 0.995 in a 10-seed sweep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--groups", type=int, default=None, help="GroupNorm groups for gn / gn-ws")
     p.add_argument("--out", type=Path, default=Path("recover_digits_out"))
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for target in [t.strip() for t in args.targets.split(",") if t.strip()]:
         conv = normswap.rewrite(original, target, (heldout[0][:2],), groups=args.groups)
         rep = keep_function(original, conv, calib, heldout=heldout, heldout_name="the digits test split",
-                            recover_steps=args.steps, seed=args.seed, lr=args.lr, progress=False,
+                            recover_steps=args.steps, recover_batch=args.recover_batch, seed=args.seed, lr=args.lr,
+                            progress=False,
                             plot=args.out / f"{target}.drift.png")
         row = {"target": target, "original_accuracy": rep.original_accuracy}
         for s in rep.stages:

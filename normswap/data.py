@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 
-__all__ = ["IMAGE_SUFFIXES", "TENSOR_SUFFIXES", "CalibrationData", "calibration_batches", "shard"]
+__all__ = ["IMAGE_SUFFIXES", "TENSOR_SUFFIXES", "CalibrationData", "Rebatched", "calibration_batches", "shard"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
@@ -379,3 +379,46 @@ class _Normalized:
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
+
+
+class Rebatched:
+    """The samples of ``source`` (an iterable of batches) in order, regrouped into batches of ``size``
+    (the last one smaller): consecutive batches are concatenated, or split, along dim 0. Re-iterable
+    when the source is; ``len`` is known when the source's sample count is."""
+
+    def __init__(self, source: Iterable[Batch], size: int) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InputError(f"a batch size must be a positive integer, got {size!r}")
+        self.source, self.size = source, size
+
+    def __iter__(self) -> Iterator[Batch]:
+        parts: list[Batch] = []
+        have = 0
+        for batch in as_batches(self.source):
+            while batch[0].shape[0] > 0:
+                take = min(self.size - have, int(batch[0].shape[0]))
+                parts.append(tuple(t[:take] for t in batch))
+                batch = tuple(t[take:] for t in batch)
+                have += take
+                if have == self.size:
+                    yield _cat(parts)
+                    parts, have = [], 0
+        if have:
+            yield _cat(parts)
+
+    def __len__(self) -> int:
+        if isinstance(self.source, CalibrationData):
+            if self.source.num_samples is None:
+                raise TypeError("the number of samples of a callable's data is not known before iterating")
+            n = self.source.num_samples
+        else:  # an in-memory list of batches or a tensor
+            n = sum(int(b[0].shape[0]) for b in as_batches(self.source))
+        return (n + self.size - 1) // self.size
+
+
+def _cat(parts: list[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    if len({len(p) for p in parts}) != 1:
+        raise InputError("calibration batches differ in their number of inputs; cannot regroup them")
+    return tuple(torch.cat(ts) for ts in zip(*parts))

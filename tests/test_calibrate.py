@@ -133,6 +133,22 @@ def test_shard_is_a_partition():
     assert torch.equal(torch.cat(parts), x)
 
 
+def test_rebatched_regroups_samples_in_order():
+    from normswap.data import Rebatched
+
+    x, lab = torch.arange(13.0).reshape(13, 1), torch.arange(13)
+    src = [(x[:5], lab[:5]), (x[5:10], lab[5:10]), (x[10:], lab[10:])]
+    r = Rebatched(src, 4)
+    got = list(r)
+    assert [len(b[0]) for b in got] == [4, 4, 4, 1] and len(r) == 4
+    assert torch.equal(torch.cat([b[0] for b in got]), x) and torch.equal(torch.cat([b[1] for b in got]), lab)
+    assert [len(b[0]) for b in Rebatched(calibration_batches("digits", samples=100, batch=32), 64)] == [64, 36]
+    assert len(Rebatched(calibration_batches("digits", samples=100, batch=32), 64)) == 2
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(InputError):
+            Rebatched(src, bad)
+
+
 # ----------------------------------------------------------------------------------- the fit
 
 

@@ -113,6 +113,19 @@ def test_early_stop_and_feature_matching(original, small, calibrated_gn):
         assert not m._forward_hooks  # the feature taps are gone
 
 
+def test_batch_size_regroups_the_steps(original, small, calibrated_gn):
+    conv = copy.deepcopy(calibrated_gn)
+    sizes = []
+    h = original.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[0]))
+    try:
+        rep = recover(original, conv, small, steps=3, batch_size=48, progress=False, augment=False)
+    finally:
+        h.remove()
+    # agreement before (the 64 samples as 48 + 16), 3 steps cycling over them, agreement after
+    assert sizes == [48, 16, 48, 16, 48, 48, 16]
+    assert rep.batch_size == 48 and rep.to_dict()["batch_size"] == 48
+
+
 def test_recovery_fixes_what_calibration_cannot(original):
     """Instance norm: calibration leaves low-R² sites (held-out agreement ~0.92); distillation fixes
     much of it (measured on held-out data: on the calibration data the readout refit already fits)."""
