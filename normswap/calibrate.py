@@ -204,7 +204,8 @@ class _TeacherTap:
     output was changed in place keeps being copied, the others are recorded as is — and still checked
     when read (:meth:`pop`), so a stale value is never used silently."""
 
-    def __init__(self, teacher: nn.Module, names: Sequence[str], stats: bool = False, scratch: _Scratch | None = None) -> None:
+    def __init__(self, teacher: nn.Module, names: Sequence[str], stats: bool = False, scratch: _Scratch | None = None,
+                 reuse: bool = False) -> None:
         from .sites import bn_post_ops
 
         #: per call: (value, the module's output tensor when watched, its version when recorded)
@@ -215,6 +216,14 @@ class _TeacherTap:
         #: while the output is still in cache (the student's hook needs them much later)
         self.stats: dict[str, deque[Tensor]] | None = {n: deque() for n in names} if stats else None
         self.scratch = scratch
+        #: with ``reuse``: every output is copied into a buffer kept per (site, call of the forward) and
+        #: overwritten by the next forward — so a value is valid until then. Holding on to the teacher's
+        #: own outputs instead keeps its allocator from reusing their memory: every later activation of
+        #: the forward is fresh memory the OS has to fault in (≈0.45 of a forward on the digits model at
+        #: 2 threads; the copies cost ≈0.1).
+        self.reuse = reuse
+        self.buffers: dict[tuple[str, int], Tensor] = {}
+        self.calls: dict[str, int] = {n: 0 for n in names}
         self.seconds = 0.0  # time spent in the hooks (calibration work, not the teacher's forward)
         self.enabled = True
         self.handles = []
@@ -233,7 +242,15 @@ class _TeacherTap:
                 t0 = time.perf_counter()
                 if plain:  # the module's own output: the rest of the forward may overwrite it in place
                     y = out.detach()
-                    if y.is_inference():  # no version counter to watch
+                    if self.reuse:
+                        key = (name, self.calls[name])
+                        self.calls[name] += 1
+                        buf = self.buffers.get(key)
+                        if buf is None or buf.shape != y.shape or buf.dtype != y.dtype or buf.device != y.device:
+                            buf = self.buffers[key] = torch.empty_like(y, memory_format=torch.contiguous_format)
+                        y = buf.copy_(y)
+                        entry = (y, None, 0)
+                    elif y.is_inference():  # no version counter to watch
                         entry = (y.clone(), None, 0)
                     elif self.copy[name] is False:
                         entry = (y, y, y._version)
@@ -268,6 +285,8 @@ class _TeacherTap:
     def clear(self) -> None:
         for q in self.outputs.values():
             q.clear()
+        for n in self.calls:
+            self.calls[n] = 0
         for q in (self.stats or {}).values():
             q.clear()
 
@@ -374,14 +393,30 @@ def _ridge_solve(G: Tensor, r: Tensor, prior: Tensor, rel: float = 1e-9) -> Tens
     return torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
 
 
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """The dtype per-sample sums are taken in: the activation's, but at least float32."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _per_sample(t: Tensor) -> Tensor:
-    """Sum over the positions of each (sample, channel): [N, C, *S] → [N, C]; [N, C] unchanged."""
-    return t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
+    """Sum over the positions of each (sample, channel): [N, C, *S] → [N, C] (at least float32); [N, C] as is."""
+    if t.dim() > 2:
+        return t.sum(tuple(range(2, t.dim())), dtype=_acc_dtype(t))
+    return t.to(_acc_dtype(t))
+
+
+def _per_sample_sq(t: Tensor) -> Tensor:
+    """Σ t² over the positions of each (sample, channel), [N, C]. Taken as a norm reduction, so t² is
+    never written out: on this machine an activation-sized write costs several times a read."""
+    if t.dim() > 2:
+        return torch.linalg.vector_norm(t, 2, tuple(range(2, t.dim())), dtype=_acc_dtype(t)).square_()
+    t = t.to(_acc_dtype(t))
+    return t * t
 
 
 def _self_moments(y: Tensor, scratch: _Scratch | None = None) -> Tensor:
     """Per-sample (Σ y², Σ y) of one [N, C, *S] / [N, C] tensor, stacked [2, N, C] (see :func:`_moments`)."""
-    return torch.stack([_per_sample(scratch.mul(y, y) if scratch is not None else y * y), _per_sample(y)])
+    return torch.stack([_per_sample_sq(y), _per_sample(y)])
 
 
 class _Scratch:
@@ -403,27 +438,35 @@ class _Scratch:
         return torch.mul(a, b, out=buf)
 
 
-def _moments(cols: list[Tensor], last: Tensor | None = None, scratch: _Scratch | None = None) -> Tensor:
-    """Per-channel sums of every product c_i·c_j (i ≤ j) and every c_i of the [N, C, *S] / [N, C]
-    tensors ``cols``, stacked [P, C] in float64. ``last``: :func:`_self_moments` of the last column,
-    already taken (its Σ y², Σ y are then not recomputed).
-
-    Each sample's sums over its own positions are taken in the tensors' dtype (torch reduces with
-    cascaded partial sums, so even a 512×512 map keeps ~1e-7 relative error), and the per-sample sums
-    are then added in float64. Both steps are per sample, so a batch split across ranks gives exactly the same
-    per-sample sums and, summed over ranks, the whole batch's totals to ~1e-16 — while the full-size
-    float64 copies of every activation that a float64-only version needs (≈2× slower) are avoided."""
-    cols = [c.detach() for c in cols]
+def _sample_moments(cols: list[Tensor], last: Tensor | None = None, scratch: _Scratch | None = None) -> Tensor:
+    """Each sample's sums of every product c_i·c_j (i ≤ j) and every c_i of the [N, C, *S] / [N, C]
+    tensors ``cols``, stacked [P, N, C] (at least float32); :func:`_moments` adds them up."""
     k = len(cols)
     parts = []
     for i, a in enumerate(cols):
         for j in range(i, k):
             if last is not None and i == j == k - 1:
                 parts.append(last[0])
+            elif i == j:
+                parts.append(_per_sample_sq(a))
             else:
                 parts.append(_per_sample(scratch.mul(a, cols[j]) if scratch is not None else a * cols[j]))
     parts += [last[1] if last is not None and i == k - 1 else _per_sample(c) for i, c in enumerate(cols)]
-    return torch.stack(parts).double().sum(1)
+    return torch.stack(parts)
+
+
+def _moments(cols: list[Tensor], last: Tensor | None = None, scratch: _Scratch | None = None) -> Tensor:
+    """Per-channel sums of every product c_i·c_j (i ≤ j) and every c_i of the [N, C, *S] / [N, C]
+    tensors ``cols``, stacked [P, C] in float64. ``last``: :func:`_self_moments` of the last column,
+    already taken (its Σ y², Σ y are then not recomputed).
+
+    Each sample's sums over its own positions are taken in the tensors' dtype, at least float32 (torch
+    reduces with cascaded partial sums, so even a 512×512 map keeps ~1e-7 relative error), and the
+    per-sample sums are then added in float64. Both steps are per sample, so a batch split across ranks
+    gives exactly the same per-sample sums and, summed over ranks, the whole batch's totals to ~1e-16 —
+    while the full-size float64 copies of every activation that a float64-only version needs (≈2×
+    slower) are avoided."""
+    return _sample_moments(cols, last, scratch).sum(1, dtype=torch.float64)
 
 
 _GRAM_INDEX: dict[int, Tensor] = {}
@@ -454,6 +497,22 @@ def _gram(m: Tensor, k: int, n: float) -> Tensor:
     return ext[idx.reshape(-1)].reshape(k + 2, k + 2, -1).permute(2, 0, 1)
 
 
+def _affine_solve(m: Tensor, n: float | Tensor, prior: Tensor, site_max: Any) -> Tensor:
+    """θ = (a, b) [C, 2] of the per-channel least squares y ≈ a·z + b from the sums ``m`` = (Σz², Σzy,
+    Σy², Σz, Σy) [5, C] over ``n`` values per channel: a = (cov + λ·γ_prior) / (var + λ),
+    b = (Σy − a·Σz) / n, with λ = 1e-9 × the largest variance of the channel's site (``site_max(var)``,
+    broadcastable to [C]) — negligible for a live channel, while a dead one keeps its prior γ. Fused
+    ops: this runs per site (or for all sites at once) per batch."""
+    szz, szy, _syy, sz, sy = m.unbind(0)
+    mz = sz / n
+    vz = torch.addcmul(szz, sz, mz, value=-1.0).clamp_min_(0)
+    cov = torch.addcmul(szy, sy, mz, value=-1.0)
+    lam = site_max(vz) * 1e-9 + 1e-30
+    a = torch.addcmul(cov, lam, prior).div_(vz.add_(lam))
+    b = torch.addcmul(sy, a, sz, value=-1.0).div_(n)
+    return torch.stack([a, b], 1)
+
+
 class _Fit:
     """Running per-channel least squares y ≈ Σ_k θ_k f_k + β for one site.
 
@@ -476,6 +535,7 @@ class _Fit:
         self.busy = False
         self._cast: tuple[Tensor, ...] | None = None
         self.scratch: _Scratch | None = None
+        self.lag = False  # after the first batch: sums stashed and solved by _Lagged.flush
 
     # parameters: θ = (γ, β) in model space; coefficients = θ in regression space
     def _read(self) -> Tensor:
@@ -524,8 +584,10 @@ class _Fit:
 
     # sums and solve
     def add(self, fs: list[Tensor], y: Tensor, y_stats: Tensor | None = None) -> None:
-        m = _moments([*fs, y], y_stats, self.scratch)
-        n = float(y.numel() // self.c)
+        self.add_sums(_moments([*fs, y], y_stats, self.scratch), float(y.numel() // self.c))
+
+    def add_sums(self, m: Tensor, n: float) -> None:
+        """Add this rank's sums ``m`` [P, C] (float64) over ``n`` values per channel (all-reduced under DDP)."""
         if self.active:
             packed = _all_reduce(torch.cat([m.reshape(-1), m.new_tensor([n])]), True, self.group)
             m, n = packed[:-1].reshape(m.shape), float(packed[-1])
@@ -538,15 +600,7 @@ class _Fit:
     def solve(self) -> None:
         if self.n <= 0:
             return
-        # a = (cov + λ·γ_prior) / (var + λ), b = mean_y − a·mean_z; fused ops: this runs per site per batch
-        szz, szy, _syy, sz, sy = self.m.unbind(0)
-        mz = sz / self.n
-        vz = torch.addcmul(szz, sz, mz, value=-1.0).clamp_min_(0)
-        cov = torch.addcmul(szy, sy, mz, value=-1.0)
-        lam = vz.max() * 1e-9 + 1e-30
-        a = torch.addcmul(cov, lam, self.theta[:, 0]).div_(vz.add_(lam))
-        b = torch.addcmul(sy, a, sz, value=-1.0).div_(self.n)
-        self.theta = torch.stack([a, b], 1)
+        self.theta = _affine_solve(self.m, self.n, self.theta[:, 0], lambda vz: vz.max())
         self._cast = None
 
     def quality(self) -> dict[str, float | None]:
@@ -670,6 +724,88 @@ class _SNFit(_Fit):
         br = self.norm.branches
         return {"mean_weights": {k: round(float(v), 4) for k, v in zip(br, w)},
                 "var_weights": {k: round(float(v), 4) for k, v in zip(br, wv)}}
+
+
+class _Lagged:
+    """After its first batch, an affine site (γ, β only, called once per forward) no longer adds its sums
+    and solves inside its hook: the hook stashes its per-sample sums and outputs with the parameters
+    fitted so far, and after the student's forward :meth:`flush` adds every stashed site's sums at
+    once (one float64 reduction, one all-reduce under DDP) and solves all of them in one vectorized
+    closed form (:func:`_affine_solve`, the same arithmetic as the per-site solve). So batch k's output
+    uses the fit of batches < k — batch 1 stays exact greedy layer-by-layer calibration, which is what
+    sets the upstream every later site sees — and the final parameters are the same least squares on
+    all the data. On a small model this removes most of the per-site work: the solve and its ~40 small
+    ops per site and batch cost as much as the site's convolution."""
+
+    def __init__(self, active: bool, group: Any) -> None:
+        self.active, self.group = active, group
+        #: per stashed call: (fit, per-sample sums [5, N, C], values per channel)
+        self.pending: list[tuple[_Fit, Tensor, float]] = []
+        self.fits: tuple[_Fit, ...] | None = None  # the sites one flush serves at once, in call order
+        self.M: Tensor | None = None  # their sums side by side [5, ΣC]; each fit's ``m`` is a view of it
+        self.spans: list[tuple[int, int]] = []
+        self.index: Tensor | None = None  # channel → position of its site in ``fits``
+
+    def stash(self, fit: _Fit, stats: Tensor, n: float) -> None:
+        self.pending.append((fit, stats, n))
+
+    def _same_layout(self, pend: list[tuple[_Fit, Tensor, float]]) -> bool:
+        fits = tuple(p[0] for p in pend)
+        if self.fits is None:
+            s0 = pend[0][1]
+            if len({id(f) for f in fits}) != len(fits) or any(
+                    p[1].shape[1] != s0.shape[1] or p[1].dtype != s0.dtype or p[1].device != s0.device for p in pend):
+                return False
+            self.fits = fits
+            off = 0
+            for f in fits:
+                self.spans.append((off, f.c))
+                off += f.c
+            self.M = torch.cat([f.m for f in fits], 1)
+            for f, (o, c) in zip(fits, self.spans):
+                f.m = self.M[:, o:o + c]
+            self.index = torch.repeat_interleave(torch.arange(len(fits), device=self.M.device),
+                                                 torch.tensor([f.c for f in fits], device=self.M.device))
+        return fits == self.fits and all(p[1].shape[1] == pend[0][1].shape[1] for p in pend)
+
+    def flush(self) -> None:
+        pend, self.pending = self.pending, []
+        if not pend:
+            return
+        if not self._same_layout(pend):  # a different set of sites ran: one at a time
+            for fit, stats, n in pend:
+                fit.add_sums(stats.sum(1, dtype=torch.float64), n)
+                fit.solve()
+            return
+        assert self.fits is not None and self.M is not None and self.index is not None
+        red = torch.cat([p[1] for p in pend], 2).sum(1, dtype=torch.float64)  # [5, ΣC]
+        ns = [p[2] for p in pend]
+        if self.active:
+            packed = _all_reduce(torch.cat([red.reshape(-1), red.new_tensor(ns)]), True, self.group)
+            red, ns = packed[:red.numel()].reshape(red.shape), packed[red.numel():].tolist()
+        self.M += red
+        for f, n in zip(self.fits, ns):
+            f.n += n
+        dev = self.M.device
+        nvec = torch.tensor([f.n for f in self.fits], dtype=torch.float64, device=dev)[self.index]
+        prior = torch.cat([f.theta[:, 0] for f in self.fits])
+        index, k = self.index, len(self.fits)
+
+        def site_max(vz: Tensor) -> Tensor:
+            return vz.new_zeros(k).scatter_reduce_(0, index, vz, "amax")[index]
+
+        th = _affine_solve(self.M, nvec, prior, site_max)
+        # the outputs' γ, β for the next batch, cast once for all sites (as _Fit._params would per site)
+        dts = {f._cast[0].dtype for f in self.fits if f._cast is not None}
+        cast = th.t().to(dts.pop()).contiguous() if len(dts) == 1 else None
+        for f, (o, c) in zip(self.fits, self.spans):
+            f.theta = th[o:o + c]
+            old = f._cast
+            if cast is not None and old is not None and old[0].dtype == cast.dtype:
+                shape = _bshape(c, old[0].dim())
+                f._cast = (cast[0, o:o + c].view(shape), cast[1, o:o + c].view(shape))
+            else:
+                f._cast = None
 
 
 class _Readout:
@@ -964,7 +1100,9 @@ def calibrate(
     scratch = _Scratch()
     for f in fits.values():
         f.scratch = scratch
-    tap = _TeacherTap(teacher, list(fits), stats=True, scratch=scratch)
+    tap = _TeacherTap(teacher, list(fits), stats=True, scratch=scratch, reuse=True)
+    lagged = _Lagged(active, group)
+    lag_decided = False
     order: list[str] = []
 
     def student_hook(name: str, fit: _Fit):
@@ -984,6 +1122,9 @@ def calibrate(
             if fit.calls == 0:
                 order.append(name)
             fit.calls += 1
+            if fit.lag:
+                lagged.stash(fit, _sample_moments([out, y], y_stats, scratch), float(y.numel() // fit.c))
+                return fit.output([out], x)
             fit.before_batch(x, y)
             fs = fit.feats(x, out)
             fit.add(fs, y, y_stats)
@@ -1023,6 +1164,11 @@ def calibrate(
                     ref = teacher(*batch)
                     teacher_seconds += time.perf_counter() - t0 - (tap.seconds - hooks0)
                     out = student(*batch)
+                    lagged.flush()
+                    if not lag_decided:  # sites called once per forward solve in one batch from now on
+                        lag_decided = True
+                        for f in fits.values():
+                            f.lag = type(f) is _Fit and f.calls == 1
                     agree.add(ref, out)
                     if probe is not None:
                         name, feats = probe.find(out)

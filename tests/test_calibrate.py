@@ -549,3 +549,69 @@ def test_failed_pass_leaves_fitted_parameters_not_the_identity(original):
         calibrate(original, conv, (b for b in [x[:32], x[32:]]), passes=2)  # a generator: pass 2 is empty
     w = conv.model.layer1.bn1.weight
     assert not torch.allclose(w, torch.ones_like(w)) and not torch.equal(w, swap_digits(original, "gn").model.layer1.bn1.weight)
+
+
+class TwoBranches(nn.Module):
+    """Two BN sites of different widths fed straight from the input (so each one's best fit is the
+    least squares on all the data, whatever the other does), one dead channel, and a third site that
+    runs only on batches whose first sample has a positive sum (a different set of sites per batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv_b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.conv_c, self.bn_c = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.bn_a(self.conv_a(x)).mean((2, 3))
+        b = self.bn_b(self.conv_b(x)).mean((2, 3))
+        out = torch.cat([a, b], 1)
+        if bool(x[0].sum() > 0):
+            out = out + self.bn_c(self.conv_c(x)).mean((2, 3)).sum(1, keepdim=True)
+        return out
+
+
+def _lstsq_fit(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = z.shape[1]
+    zc, yc = z.movedim(1, 0).reshape(c, -1).double(), y.movedim(1, 0).reshape(c, -1).double()
+    zm, ym = zc - zc.mean(1, keepdim=True), yc - yc.mean(1, keepdim=True)
+    a = (zm * ym).sum(1) / (zm * zm).sum(1)
+    return a, yc.mean(1) - a * zc.mean(1)
+
+
+def test_batched_solve_after_the_first_batch_is_the_per_site_least_squares():
+    """After batch 1 the affine sites are solved together once per batch (_Lagged): the result is
+    still each site's least squares on all the data, a dead channel keeps its prior γ, and a site
+    that skips some batches (so the set of sites changes) is fitted on the batches it saw."""
+    torch.manual_seed(0)
+    m = TwoBranches().eval()
+    with torch.no_grad():
+        for bn in (m.bn_a, m.bn_b, m.bn_c):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        m.conv_b.weight[2].zero_()
+        m.conv_b.bias[2] = 0.0  # channel 2 of bn_b: an all-zero input, so z = 0: nothing to fit
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 3, 5, 5, generator=g) + 0.2 for _ in range(6)]
+    for i, sign in enumerate([1, 1, -1, 1, -1, 1]):  # bn_c runs on batches 0, 1, 3, 5 only
+        batches[i][0] = batches[i][0].abs() * sign
+    conv = normswap.rewrite(m, "gn", (batches[0][:2],), groups=4)  # bn_b: one channel per group
+    gamma_b2 = float(conv.model.bn_b.weight[2].detach())
+    rep = calibrate(m, conv, batches, readout=False)
+    x = torch.cat(batches)
+    xc = torch.cat([b for b in batches if bool(b[0].sum() > 0)])
+    with torch.no_grad():
+        for name, data in (("a", x), ("b", x), ("c", xc)):
+            conv_t, bn_t = getattr(m, f"conv_{name}"), getattr(m, f"bn_{name}")
+            pre = conv_t(data)
+            z = F.group_norm(pre, 4, eps=getattr(conv.model, f"bn_{name}").eps)
+            a, b = _lstsq_fit(z, bn_t(pre))
+            got = getattr(conv.model, f"bn_{name}")
+            live = torch.isfinite(a)
+            assert torch.allclose(got.weight.double()[live], a[live], atol=1e-5), name
+            assert torch.allclose(got.bias.double()[live], b[live], atol=1e-5), name
+    assert float(conv.model.bn_b.weight[2].detach()) == pytest.approx(gamma_b2, abs=1e-6)  # the dead channel: prior γ
+    calls = {s.site: s.calls for s in rep.sites}
+    assert calls == {"bn_a": 6, "bn_b": 6, "bn_c": 4}
