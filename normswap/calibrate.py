@@ -358,24 +358,30 @@ class SiteCalibration:
         return d
 
 
-def _quality(S: Tensor, coef_before: Tensor, coef_after: Tensor) -> dict[str, float | None]:
-    """R² and relative RMS error of y ≈ coef·(f, 1), summed over channels, from the Gram matrix S of
-    (f_1..f_k, 1, y) [C, k+2, k+2]."""
+def _quality(S: Tensor, coef_before: Tensor, coef_after: Tensor, index: Tensor | None = None,
+             sites: int = 1) -> list[dict[str, float | None]]:
+    """R² and relative RMS error of y ≈ coef·(f, 1), summed over the channels of each site, from the Gram
+    matrix S of (f_1..f_k, 1, y) [C, k+2, k+2]: one dict per site, channel c belonging to site
+    ``index[c]`` (default: all channels to one site) — so all the sites of a pass are scored at once."""
     k1 = S.shape[-1] - 1
     G, r, syy = S[:, :k1, :k1], S[:, :k1, k1], S[:, k1, k1]
     n = G[:, -1, -1]
-    if float(n.sum()) <= 0:
-        return {"r2_before": None, "r2_after": None, "rel_before": None, "rel_after": None}
     sy = r[:, -1]
-    sst = float((syy - sy * sy / n.clamp_min(1)).clamp_min(0).sum())
-    total = float(syy.sum())
-    out: dict[str, float | None] = {}
-    for tag, coef in (("before", coef_before), ("after", coef_after)):
+    cols = [n, (syy - sy * sy / n.clamp_min(1)).clamp_min(0), syy]
+    for coef in (coef_before, coef_after):
         # per channel: Σy² − 2·coefᵀr + coefᵀG·coef (batched matmul: einsum's path search costs more here)
         quad = (torch.bmm(G, coef.unsqueeze(-1)).squeeze(-1) * coef).sum(1)
-        sse = float((syy - 2 * (coef * r).sum(1) + quad).clamp_min(0).sum())
-        out[f"r2_{tag}"] = 1.0 - sse / sst if sst > 0 else (1.0 if sse <= 1e-12 * max(total, 1e-30) else 0.0)
-        out[f"rel_{tag}"] = math.sqrt(sse / total) if total > 0 else 0.0
+        cols.append((syy - 2 * (coef * r).sum(1) + quad).clamp_min(0))
+    per = torch.stack(cols, 1)
+    agg = per.sum(0, keepdim=True) if index is None else per.new_zeros(sites, per.shape[1]).index_add_(0, index, per)
+    out: list[dict[str, float | None]] = []
+    for count, sst, total, *sses in agg.tolist():
+        q: dict[str, float | None] = {"r2_before": None, "r2_after": None, "rel_before": None, "rel_after": None}
+        if count > 0:
+            for tag, sse in zip(("before", "after"), sses):
+                q[f"r2_{tag}"] = 1.0 - sse / sst if sst > 0 else (1.0 if sse <= 1e-12 * max(total, 1e-30) else 0.0)
+                q[f"rel_{tag}"] = math.sqrt(sse / total) if total > 0 else 0.0
+        out.append(q)
     return out
 
 
@@ -490,9 +496,11 @@ def _gram_index(k: int) -> Tensor:
     return _GRAM_INDEX[k]
 
 
-def _gram(m: Tensor, k: int, n: float) -> Tensor:
-    """The Gram matrix [C, k+2, k+2] of (f_1..f_k, 1, y) from :func:`_moments` of (f_1..f_k, y)."""
-    ext = torch.cat([m, m.new_full((1, m.shape[1]), n)])
+def _gram(m: Tensor, k: int, n: float | Tensor) -> Tensor:
+    """The Gram matrix [C, k+2, k+2] of (f_1..f_k, 1, y) from :func:`_moments` of (f_1..f_k, y); ``n``:
+    values per channel (a number, or one per channel)."""
+    n_row = n.reshape(1, -1).to(m) if isinstance(n, Tensor) else m.new_full((1, m.shape[1]), n)
+    ext = torch.cat([m, n_row])
     idx = _gram_index(k).to(m.device)
     return ext[idx.reshape(-1)].reshape(k + 2, k + 2, -1).permute(2, 0, 1)
 
@@ -604,7 +612,7 @@ class _Fit:
         self._cast = None
 
     def quality(self) -> dict[str, float | None]:
-        return _quality(self.gram(), self.coef(self.theta0), self.coef(self.theta))
+        return _quality(self.gram(), self.coef(self.theta0), self.coef(self.theta))[0]
 
     def reset_sums(self) -> None:
         self.m.zero_()
@@ -768,6 +776,18 @@ class _Lagged:
                                                  torch.tensor([f.c for f in fits], device=self.M.device))
         return fits == self.fits and all(p[1].shape[1] == pend[0][1].shape[1] for p in pend)
 
+    def _nvec(self) -> Tensor:
+        assert self.fits is not None and self.M is not None and self.index is not None
+        return torch.tensor([f.n for f in self.fits], dtype=torch.float64, device=self.M.device)[self.index]
+
+    def quality(self) -> dict[str, dict[str, float | None]]:
+        """:meth:`_Fit.quality` of every site of the layout, computed at once (by site name)."""
+        if self.fits is None or self.M is None:
+            return {}
+        q = _quality(_gram(self.M, 1, self._nvec()), torch.cat([f.theta0 for f in self.fits]),
+                     torch.cat([f.theta for f in self.fits]), self.index, len(self.fits))
+        return {f.name: qi for f, qi in zip(self.fits, q)}
+
     def flush(self) -> None:
         pend, self.pending = self.pending, []
         if not pend:
@@ -786,15 +806,13 @@ class _Lagged:
         self.M += red
         for f, n in zip(self.fits, ns):
             f.n += n
-        dev = self.M.device
-        nvec = torch.tensor([f.n for f in self.fits], dtype=torch.float64, device=dev)[self.index]
         prior = torch.cat([f.theta[:, 0] for f in self.fits])
         index, k = self.index, len(self.fits)
 
         def site_max(vz: Tensor) -> Tensor:
             return vz.new_zeros(k).scatter_reduce_(0, index, vz, "amax")[index]
 
-        th = _affine_solve(self.M, nvec, prior, site_max)
+        th = _affine_solve(self.M, self._nvec(), prior, site_max)
         # the outputs' γ, β for the next batch, cast once for all sites (as _Fit._params would per site)
         dts = {f._cast[0].dtype for f in self.fits if f._cast is not None}
         cast = th.t().to(dts.pop()).contiguous() if len(dts) == 1 else None
@@ -1219,6 +1237,7 @@ def calibrate(
     seconds = time.perf_counter() - t_start
 
     warnings: list[str] = []
+    batched_quality = lagged.quality()
     for rs in report_sites:
         f = fits.get(rs.site)
         if f is None:
@@ -1227,7 +1246,7 @@ def calibrate(
         if f.calls == 0:
             rs.status, rs.note = "not-run", "the site never ran on the calibration data"
             continue
-        q = f.quality()
+        q = batched_quality[rs.site] if rs.site in batched_quality else f.quality()
         rs.r2_before, rs.r2_after, rs.rel_before, rs.rel_after = q["r2_before"], q["r2_after"], q["rel_before"], q["rel_after"]
         rs.extra = f.describe()
         if rs.r2_after is not None and rs.r2_after < LOW_R2:

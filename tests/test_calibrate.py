@@ -612,6 +612,12 @@ def test_batched_solve_after_the_first_batch_is_the_per_site_least_squares():
             live = torch.isfinite(a)
             assert torch.allclose(got.weight.double()[live], a[live], atol=1e-5), name
             assert torch.allclose(got.bias.double()[live], b[live], atol=1e-5), name
+            # the report's R² (scored for all sites at once) is this site's, over all its channels
+            y = bn_t(pre).double()
+            fit = z.double() * got.weight.double().view(1, -1, 1, 1) + got.bias.double().view(1, -1, 1, 1)
+            r2 = 1 - float(((fit - y) ** 2).sum()) / float(((y - y.mean((0, 2, 3), keepdim=True)) ** 2).sum())
+            site = next(s for s in rep.sites if s.site == f"bn_{name}")
+            assert site.r2_after == pytest.approx(r2, abs=1e-5), name
     assert float(conv.model.bn_b.weight[2].detach()) == pytest.approx(gamma_b2, abs=1e-6)  # the dead channel: prior γ
     calls = {s.site: s.calls for s in rep.sites}
     assert calls == {"bn_a": 6, "bn_b": 6, "bn_c": 4}
