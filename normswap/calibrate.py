@@ -30,23 +30,29 @@ top-1 agreement after calibration from 0.98 / 0.94 / 0.91 to 0.996 / 0.98 / 0.97
 
 **How it streams.** Teacher (the original, eval, with temporary forward hooks that are removed and
 its train/eval flags restored afterwards; it is never modified) and student (the swapped model, eval)
-run side by side on each batch. The teacher's site outputs for the current batch are kept (memory
-bounded by one batch). In the student each fitted norm runs with γ = 1, β = 0 during the pass, so its
-own output is ``z``; its hook adds this batch's sums to the running totals, solves the fit from the
-totals and returns ``γ·z + β`` with the new γ, β — so every later site in the same forward already sees
-the calibrated earlier ones (graph order = execution order). The fitted γ, β are written into the
-module at the end (also when the pass fails). On the first batch this is exactly layer-by-layer greedy
-calibration; later batches refine it. ``passes=2`` repeats the pass with fresh sums (the first pass's
-early batches saw less calibrated upstream layers).
+run side by side on each batch. The teacher's site outputs for the current batch are copied into
+buffers reused from batch to batch (memory bounded by one batch). In the student each fitted norm runs
+with γ = 1, β = 0 during the pass, so its own output is ``z``. On the first batch its hook adds the
+batch's sums to the running totals, solves the fit and returns ``γ·z + β`` with the new γ, β — so every
+later site in the same forward already sees the calibrated earlier ones (graph order = execution
+order): exactly layer-by-layer greedy calibration. On later batches an affine site's hook only stashes
+its sums and returns ``γ·z + β`` with the fit so far; after the student's forward all stashed sites are
+added and solved at once (one reduction, one all-reduce, one vectorized solve), so batch k refines the
+fit of batches < k and the final γ, β are each site's least squares on all the data. The fitted γ, β are
+written into the module at the end (also when the pass fails). ``passes=2`` repeats the pass with fresh
+sums (the first pass's early batches saw less calibrated upstream layers).
 
 **Cost.** One pass = one teacher forward + one student forward per batch, plus per site a few
-reductions (each sample's sums over its positions in the activation dtype, added up in float64) and
-a closed-form solve; products go through one reused buffer per activation shape and the fitted
-output is written into the norm's own output, so the pass allocates little beyond the two forwards.
-The report gives the call's wall time as a ratio to the teacher's forward time inside the call;
-``benchmarks/bench.py`` (section 5) measures it against separate plain forwards: about 2.4–2.7× on a
-ResNet-18 at 112², about 3.3–3.6× on the tiny 8×8 digits ResNet, whose convolutions are so small that
-the per-site element-wise passes cost as much as they do (Switchable Norm's gradient steps cost more).
+reductions (each sample's sums over its positions in the activation dtype, at least float32, added up
+in float64; Σz² as a norm, so no squared copy is written) and the batched solve; the product z·y goes
+through one reused buffer per activation shape, the fitted output is written into the norm's own
+output, and the teacher's outputs into reused buffers (holding on to them instead made every later
+allocation of the forward fault in fresh memory), so the pass allocates little beyond the two
+forwards. The report gives the call's wall time as a ratio to the teacher's forward time inside the
+call; ``benchmarks/bench.py`` (section 5) measures it against separate plain forwards (see the README
+for the numbers: about 2–2.6× on a ResNet-18 at 112², about 3× on the tiny 8×8 digits ResNet, whose
+convolutions are so small that the per-site element-wise passes and Python hooks cost nearly as much
+as they do; Switchable Norm's gradient steps cost more).
 
 **Distributed.** When ``torch.distributed`` is initialized with more than one process, each rank
 takes its contiguous shard of every batch (``shard_batches=True``; pass False if your batches already
@@ -202,7 +208,9 @@ class _TeacherTap:
     torchvision ``ReLU(inplace=True)`` right after the BN) overwrites before anyone reads it. So the
     first call at each site records a copy and watches the original's version counter; a site whose
     output was changed in place keeps being copied, the others are recorded as is — and still checked
-    when read (:meth:`pop`), so a stale value is never used silently."""
+    when read (:meth:`pop`), so a stale value is never used silently. With ``reuse`` (calibration, which
+    reads each value before the next forward) every output is copied into a buffer reused from forward
+    to forward instead."""
 
     def __init__(self, teacher: nn.Module, names: Sequence[str], stats: bool = False, scratch: _Scratch | None = None,
                  reuse: bool = False) -> None:
@@ -240,25 +248,23 @@ class _TeacherTap:
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if self.enabled:
                 t0 = time.perf_counter()
-                if plain:  # the module's own output: the rest of the forward may overwrite it in place
-                    y = out.detach()
-                    if self.reuse:
-                        key = (name, self.calls[name])
-                        self.calls[name] += 1
-                        buf = self.buffers.get(key)
-                        if buf is None or buf.shape != y.shape or buf.dtype != y.dtype or buf.device != y.device:
-                            buf = self.buffers[key] = torch.empty_like(y, memory_format=torch.contiguous_format)
-                        y = buf.copy_(y)
-                        entry = (y, None, 0)
-                    elif y.is_inference():  # no version counter to watch
-                        entry = (y.clone(), None, 0)
-                    elif self.copy[name] is False:
-                        entry = (y, y, y._version)
-                    else:
-                        entry = (y.clone(), y, y._version)
-                else:  # a fresh tensor nobody else holds
-                    y = _bn_eval(mod, args[0]).detach()
+                # plain: the module's own output, which the rest of the forward may overwrite in place;
+                # otherwise (a BN-act module) the normalization before the act, a fresh tensor
+                y = out.detach() if plain else _bn_eval(mod, args[0]).detach()
+                if self.reuse:
+                    key = (name, self.calls[name])
+                    self.calls[name] += 1
+                    buf = self.buffers.get(key)
+                    if buf is None or buf.shape != y.shape or buf.dtype != y.dtype or buf.device != y.device:
+                        buf = self.buffers[key] = torch.empty_like(y, memory_format=torch.contiguous_format)
+                    y = buf.copy_(y)
                     entry = (y, None, 0)
+                elif not plain or y.is_inference():  # nobody else holds it / no version counter to watch
+                    entry = (y if not plain else y.clone(), None, 0)
+                elif self.copy[name] is False:
+                    entry = (y, y, y._version)
+                else:
+                    entry = (y.clone(), y, y._version)
                 self.outputs[name].append(entry)
                 if self.stats is not None:
                     self.stats[name].append(_self_moments(y, self.scratch))
