@@ -70,6 +70,7 @@ def keep_function_step(
     recover_steps: int = 0,
     recover_batch: int | None = None,
     seed: int = 0,
+    lr: float | None = None,
     report: Path | None = None,
     save: Path | None = None,
     progress: bool = True,
@@ -87,7 +88,8 @@ def keep_function_step(
     data = calib_data(calib, loaded, samples, batch)
     heldout, name = heldout_for(loaded)
     plot = plot_path(report, save)
+    kw = {} if lr is None else {"lr": lr}
     return keep_function(
         loaded.model, conv, data, heldout=heldout, heldout_name=name, recover_steps=recover_steps,
-        recover_batch=recover_batch, seed=seed, progress=progress, plot=plot,
+        recover_batch=recover_batch, seed=seed, progress=progress, plot=plot, **kw,
     )

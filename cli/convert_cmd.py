@@ -10,6 +10,7 @@ import typer
 
 import normswap
 from normswap.atomic import staging_dir
+from normswap.recover import DEFAULT_LR
 from normswap.report import build_report, sites_table
 
 from .calibrate_cmd import (
@@ -17,6 +18,7 @@ from .calibrate_cmd import (
     CalibBatchOpt,
     CalibOpt,
     CalibSamplesOpt,
+    LrOpt,
     RecoverBatchOpt,
     RecoverStepsOpt,
     SeedOpt,
@@ -74,6 +76,7 @@ def convert(
     recover_steps: RecoverStepsOpt = 0,
     recover_batch: RecoverBatchOpt = None,
     seed: SeedOpt = 0,
+    lr: LrOpt = DEFAULT_LR,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -96,7 +99,7 @@ def convert(
     if calib is not None or recover_steps:
         t = time.perf_counter()
         kept = keep_function_step(loaded, conv, calib=calib, samples=calib_samples, batch=calib_batch,
-                                  recover_steps=recover_steps, recover_batch=recover_batch, seed=seed, report=report, save=save,
+                                  recover_steps=recover_steps, recover_batch=recover_batch, seed=seed, lr=lr, report=report, save=save,
                                   progress=not json_out)
         times["calibrate"] = time.perf_counter() - t
 

@@ -206,3 +206,16 @@ def test_recover_command_saves_and_resumes(original, tmp_path, cli_app):
     assert out2["recovery"]["resumed"] and out2["recovery"]["start_step"] == 3 and out2["recovery"]["end_step"] == 5
     bad = runner.invoke(cli_app, ["recover", str(tmp_path / "nothing"), "--calib", "digits", "--steps", "2"])
     assert bad.exit_code == 2 and "is not a saved conversion" in bad.output
+
+
+def test_convert_passes_recovery_settings_through(tmp_path, cli_app):
+    """`convert --recover-steps N --recover-batch B --lr L` distils with exactly those settings."""
+    from typer.testing import CliRunner
+
+    report = tmp_path / "r.json"
+    r = CliRunner().invoke(cli_app, ["convert", "--to", "ln", "--calib", "digits", "--calib-samples", "64",
+                                     "--recover-steps", "2", "--recover-batch", "64", "--lr", "3e-3",
+                                     "--report", str(report), "--json"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(report.read_text())["keep_function"]["recovery"]
+    assert rec["lr"] == 3e-3 and rec["batch_size"] == 64 and rec["end_step"] == 2
