@@ -786,14 +786,6 @@ class _Lagged:
         assert self.fits is not None and self.M is not None and self.index is not None
         return torch.tensor([f.n for f in self.fits], dtype=torch.float64, device=self.M.device)[self.index]
 
-    def quality(self) -> dict[str, dict[str, float | None]]:
-        """:meth:`_Fit.quality` of every site of the layout, computed at once (by site name)."""
-        if self.fits is None or self.M is None:
-            return {}
-        q = _quality(_gram(self.M, 1, self._nvec()), torch.cat([f.theta0 for f in self.fits]),
-                     torch.cat([f.theta for f in self.fits]), self.index, len(self.fits))
-        return {f.name: qi for f, qi in zip(self.fits, q)}
-
     def flush(self) -> None:
         pend, self.pending = self.pending, []
         if not pend:
@@ -830,6 +822,21 @@ class _Lagged:
                 f._cast = (cast[0, o:o + c].view(shape), cast[1, o:o + c].view(shape))
             else:
                 f._cast = None
+
+
+def _fit_quality(fits: Sequence[_Fit]) -> dict[str, dict[str, float | None]]:
+    """:meth:`_Fit.quality` of every plain affine fit, computed in one :func:`_quality` call (by site
+    name); the other kinds score themselves."""
+    plain = [f for f in fits if type(f) is _Fit and f.calls > 0]
+    if not plain:
+        return {}
+    m = torch.cat([f.m for f in plain], 1)
+    counts = torch.tensor([f.c for f in plain], device=m.device)
+    index = torch.repeat_interleave(torch.arange(len(plain), device=m.device), counts)
+    n = torch.tensor([f.n for f in plain], dtype=torch.float64, device=m.device)[index]
+    q = _quality(_gram(m, 1, n), torch.cat([f.theta0 for f in plain]), torch.cat([f.theta for f in plain]),
+                 index, len(plain))
+    return {f.name: qi for f, qi in zip(plain, q)}
 
 
 class _Readout:
@@ -1243,7 +1250,7 @@ def calibrate(
     seconds = time.perf_counter() - t_start
 
     warnings: list[str] = []
-    batched_quality = lagged.quality()
+    batched_quality = _fit_quality(list(fits.values()))
     for rs in report_sites:
         f = fits.get(rs.site)
         if f is None:
