@@ -579,10 +579,10 @@ def _lstsq_fit(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return a, yc.mean(1) - a * zc.mean(1)
 
 
-def test_batched_solve_after_the_first_batch_is_the_per_site_least_squares():
-    """After batch 1 the affine sites are solved together once per batch (_Lagged): the result is
-    still each site's least squares on all the data, a dead channel keeps its prior γ, and a site
-    that skips some batches (so the set of sites changes) is fitted on the batches it saw."""
+def test_parallel_sites_are_each_the_least_squares_and_scored_at_once():
+    """Several sites streamed over batches: each one's fit is its least squares on all the data, a
+    dead channel keeps its prior γ, a site that skips some batches is fitted on the batches it saw,
+    and the report's R² (all plain sites scored in one call) is each site's own."""
     torch.manual_seed(0)
     m = TwoBranches().eval()
     with torch.no_grad():
