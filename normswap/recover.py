@@ -9,7 +9,8 @@
 (an output that is not [N, K] logits is matched by its relative squared error instead of the KL).
 Adam (default lr 1e-3, cosine-decayed to 0 over ``steps``), one batch per step, cycling over the data
 in order. With ``augment`` (default) each batch is remixed before the teacher labels it: every sample is
-mixed with another of the batch (mixup, λ ~ U(0, 1)) and images are shifted by up to ``shift`` pixels
+mixed with another of the batch (mixup, λ ~ U(0, 1)), optionally gets Gaussian noise (``noise`` × the
+batch's standard deviation; :data:`DEFAULT_NOISE`) and images are shifted by up to ``shift`` pixels
 — the teacher provides the targets, so any input is a valid training example, and a few hundred
 calibration samples then cover far more of the input space (on the digits model this is what brings
 held-out agreement from ~0.98 to ~0.99+). The student runs in training mode except for BatchNorms the
@@ -69,12 +70,17 @@ from .calibrate import (
 from .data import Rebatched, as_batches, local_batch
 from .errors import InputError, NormswapError
 
-__all__ = ["DEFAULT_LR", "DEFAULT_TEMPERATURE", "STATE_FILE", "FunctionReport", "RecoveryReport", "keep_function", "recover", "save_drift_plot"]
+__all__ = ["DEFAULT_LR", "DEFAULT_NOISE", "DEFAULT_TEMPERATURE", "STATE_FILE", "FunctionReport", "RecoveryReport", "keep_function", "recover", "save_drift_plot"]
 
 STATE_FILE = "recover.json"
 #: Adam's learning rate (cosine-decayed) and the distillation temperature, unless given.
 DEFAULT_LR = 1e-3
 DEFAULT_TEMPERATURE = 2.0
+#: augmentation noise, as a fraction of the input batch's standard deviation (see :func:`_augment`).
+#: Off: on the digits model (10 seeds, 200 steps) 0.125 lifts ``in`` from 0.9898 to 0.9927 mean
+#: held-out agreement but leaves gn / gn-ws / ln / ln-channels where they were (36 vs 35 of 40 runs
+#: at >= 0.995, ln's mean 0.9949 vs 0.9953), so it is an option, not a default.
+DEFAULT_NOISE = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,6 +102,7 @@ class RecoveryReport:
     feature_weight: float = 0.0
     schedule: str = "cosine"
     augment: bool = True
+    noise: float = 0.0
     world_size: int = 1
     batch_size: int | None = None  # None: the data's own batches
     seconds: float = 0.0
@@ -112,7 +119,7 @@ class RecoveryReport:
             "steps": self.steps, "start_step": self.start_step, "end_step": self.end_step,
             "stopped_early": self.stopped_early, "resumed": self.resumed, "seed": self.seed, "lr": self.lr,
             "temperature": self.temperature, "feature_weight": self.feature_weight,
-            "schedule": self.schedule, "augment": self.augment, "batch_size": self.batch_size, "world_size": self.world_size, "seconds": round(self.seconds, 3),
+            "schedule": self.schedule, "augment": self.augment, "noise": self.noise, "batch_size": self.batch_size, "world_size": self.world_size, "seconds": round(self.seconds, 3),
             "agreement_before": {k: r(v) for k, v in self.agreement_before.items()},
             "agreement_after": {k: r(v) for k, v in self.agreement_after.items()},
             "loss": [[s, r(v)] for s, v in self.history],
@@ -200,11 +207,12 @@ def _kd_loss(s_out: Any, t_out: Any, temperature: float) -> Tensor:
     return ((s - t) ** 2).sum() / (t * t).sum().clamp_min(1e-12)
 
 
-def _augment(batch: tuple[Tensor, ...], shift: int) -> tuple[Tensor, ...]:
+def _augment(batch: tuple[Tensor, ...], shift: int, noise: float = 0.0) -> tuple[Tensor, ...]:
     """Label-free KD can train on any input the teacher labels, so every sample of the first input is
     mixed with another of the batch, x' = λ·x_i + (1 − λ)·x_j (λ ~ U(0, 1) per sample, j a random
-    permutation), and for images [N, C, H, W] translated by up to ``shift`` pixels (zero padding).
-    Uses the global torch RNG (seeded by :func:`recover`)."""
+    permutation), gets Gaussian noise of ``noise`` × the batch's standard deviation, and for images
+    [N, C, H, W] is translated by up to ``shift`` pixels (zero padding). Uses the global torch RNG
+    (seeded by :func:`recover`)."""
     x = batch[0]
     if not x.is_floating_point() or x.shape[0] < 2:
         return batch
@@ -212,6 +220,8 @@ def _augment(batch: tuple[Tensor, ...], shift: int) -> tuple[Tensor, ...]:
     perm = torch.randperm(n, device=x.device)
     lam = torch.rand(n, device=x.device, dtype=x.dtype).reshape((n,) + (1,) * (x.dim() - 1))
     out = lam * x + (1 - lam) * x[perm]
+    if noise > 0:
+        out = out + torch.randn_like(out) * (noise * x.std())
     if shift > 0 and out.dim() == 4:
         h, w = out.shape[-2:]
         padded = F.pad(out, (shift, shift, shift, shift))
@@ -345,6 +355,7 @@ def recover(
     schedule: str = "cosine",
     augment: bool = True,
     shift: int = 1,
+    noise: float = DEFAULT_NOISE,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
     resume: bool = True,
@@ -387,7 +398,7 @@ def recover(
     data = as_batches(batches) if batch_size is None else Rebatched(as_batches(batches), batch_size)
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     rep = RecoveryReport(steps=steps, seed=seed, lr=lr, temperature=temperature, feature_weight=feature_weight,
-                         schedule=schedule, augment=augment, world_size=world, batch_size=batch_size,
+                         schedule=schedule, augment=augment, noise=noise if augment else 0.0, world_size=world, batch_size=batch_size,
                          checkpoint=None if ckdir is None else str(ckdir))
     t_start = time.perf_counter()
     device = _model_device(model)
@@ -408,7 +419,7 @@ def recover(
             history = [tuple(h) for h in state.get("history", [])]  # type: ignore[misc]
             rep.resumed = True
             changed = [k for k, v in (("seed", seed), ("lr", lr), ("temperature", temperature), ("feature_weight", feature_weight),
-                                      ("schedule", schedule), ("augment", augment), ("steps", steps),
+                                      ("schedule", schedule), ("augment", augment), ("noise", noise), ("steps", steps),
                                       ("batch_size", batch_size))
                        if k in state and state[k] != v]
             if changed:
@@ -449,7 +460,7 @@ def recover(
 
         return {"normswap": __version__, "step": step, "steps": steps, "seed": seed, "lr": lr,
                 "temperature": temperature, "feature_weight": feature_weight, "schedule": schedule,
-                "augment": augment, "batch_size": batch_size, "world_size": world, "model_fingerprint": fingerprint,
+                "augment": augment, "noise": noise, "batch_size": batch_size, "world_size": world, "model_fingerprint": fingerprint,
                 "history": [[s, v] for s, v in history]}
 
     def checkpoint(step: int) -> None:
@@ -480,7 +491,7 @@ def recover(
                         continue
                 batch = _to(batch, device)
                 if augment:
-                    batch = _augment(batch, shift)
+                    batch = _augment(batch, shift, noise)
                 if tap is not None:
                     tap.enabled = True
                 with torch.no_grad():

@@ -219,3 +219,21 @@ def test_convert_passes_recovery_settings_through(tmp_path, cli_app):
     assert r.exit_code == 0, r.output
     rec = json.loads(report.read_text())["keep_function"]["recovery"]
     assert rec["lr"] == 3e-3 and rec["batch_size"] == 64 and rec["end_step"] == 2
+
+
+def test_augmentation_noise_is_scaled_to_the_batch_and_seeded():
+    """The augmentation's Gaussian noise has ``noise`` × the batch's standard deviation (identical
+    samples, so mixup changes nothing and no shift: what is left is the noise), and the global seed
+    fixes it."""
+    from normswap.recover import _augment
+
+    x = (torch.arange(64.0).reshape(1, 1, 8, 8) / 64).repeat(512, 1, 1, 1)
+    torch.manual_seed(0)
+    (plain,) = _augment((x,), shift=0, noise=0.0)
+    assert torch.allclose(plain, x, atol=1e-6)
+    torch.manual_seed(0)
+    (noisy,) = _augment((x,), shift=0, noise=0.125)
+    torch.manual_seed(0)
+    (again,) = _augment((x,), shift=0, noise=0.125)
+    assert torch.equal(noisy, again)
+    assert float((noisy - x).std()) == pytest.approx(0.125 * float(x.std()), rel=0.02)
