@@ -386,8 +386,8 @@ def recover(
         raise InputError("recover needs the original model and a swapped copy, not the same module twice")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise InputError(f"steps must be a non-negative integer, got {steps!r}")
-    if not lr > 0 or not temperature > 0 or feature_weight < 0:
-        raise InputError("lr and temperature must be positive and feature_weight non-negative")
+    if not lr > 0 or not temperature > 0 or not feature_weight >= 0 or not noise >= 0:
+        raise InputError("lr and temperature must be positive, feature_weight and noise non-negative")
     if schedule not in ("cosine", "constant"):
         raise InputError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     if checkpoint_every < 1 or eval_every < 1:

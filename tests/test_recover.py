@@ -97,7 +97,8 @@ def test_checkpoint_of_another_model_is_refused(original, small, calibrated_gn, 
 def test_bad_arguments(original, small, calibrated_gn):
     for kw, needle in (({"steps": -1}, "steps"), ({"steps": 2, "lr": 0.0}, "lr"),
                        ({"steps": 2, "target_agreement": 1.5}, "target_agreement"),
-                       ({"steps": 2, "schedule": "step"}, "schedule")):
+                       ({"steps": 2, "schedule": "step"}, "schedule"), ({"steps": 2, "noise": -0.1}, "noise"),
+                       ({"steps": 2, "noise": float("nan")}, "noise")):
         with pytest.raises(InputError, match=needle):
             recover(original, copy.deepcopy(calibrated_gn), small, progress=False, **kw)
     with pytest.raises(InputError, match="same module"):
