@@ -11,6 +11,7 @@ import typer
 
 import normswap
 from normswap.errors import InputError
+from normswap.recover import DEFAULT_LR
 
 # ---- options ---------------------------------------------------------------------------------
 CalibOpt = Annotated[str | None, typer.Option(
@@ -70,7 +71,7 @@ def keep_function_step(
     recover_steps: int = 0,
     recover_batch: int | None = None,
     seed: int = 0,
-    lr: float | None = None,
+    lr: float = DEFAULT_LR,
     report: Path | None = None,
     save: Path | None = None,
     progress: bool = True,
@@ -88,8 +89,7 @@ def keep_function_step(
     data = calib_data(calib, loaded, samples, batch)
     heldout, name = heldout_for(loaded)
     plot = plot_path(report, save)
-    kw = {} if lr is None else {"lr": lr}
     return keep_function(
         loaded.model, conv, data, heldout=heldout, heldout_name=name, recover_steps=recover_steps,
-        recover_batch=recover_batch, seed=seed, progress=progress, plot=plot, **kw,
+        recover_batch=recover_batch, seed=seed, lr=lr, progress=progress, plot=plot,
     )

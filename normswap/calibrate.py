@@ -259,8 +259,10 @@ class _TeacherTap:
                         buf = self.buffers[key] = torch.empty_like(y, memory_format=torch.contiguous_format)
                     y = buf.copy_(y)
                     entry = (y, None, 0)
-                elif not plain or y.is_inference():  # nobody else holds it / no version counter to watch
-                    entry = (y if not plain else y.clone(), None, 0)
+                elif not plain:  # a fresh tensor nobody else holds
+                    entry = (y, None, 0)
+                elif y.is_inference():  # no version counter to watch
+                    entry = (y.clone(), None, 0)
                 elif self.copy[name] is False:
                     entry = (y, y, y._version)
                 else:
@@ -607,9 +609,6 @@ class _Fit:
         self.theta = _affine_solve(self.m, self.n, self.theta[:, 0])
         self._cast = None
 
-    def quality(self) -> dict[str, float | None]:
-        return _quality(self.gram(), self.coef(self.theta0), self.coef(self.theta))[0]
-
     def reset_sums(self) -> None:
         self.m.zero_()
         self.n = 0.0
@@ -731,18 +730,22 @@ class _SNFit(_Fit):
 
 
 def _fit_quality(fits: Sequence[_Fit]) -> dict[str, dict[str, float | None]]:
-    """:meth:`_Fit.quality` of every plain affine fit, computed in one :func:`_quality` call (by site
-    name); the other kinds score themselves."""
-    plain = [f for f in fits if type(f) is _Fit and f.calls > 0]
-    if not plain:
-        return {}
-    m = torch.cat([f.m for f in plain], 1)
-    counts = torch.tensor([f.c for f in plain], device=m.device)
-    index = torch.repeat_interleave(torch.arange(len(plain), device=m.device), counts)
-    n = torch.tensor([f.n for f in plain], dtype=torch.float64, device=m.device)[index]
-    q = _quality(_gram(m, 1, n), torch.cat([f.theta0 for f in plain]), torch.cat([f.theta for f in plain]),
-                 index, len(plain))
-    return {f.name: qi for f, qi in zip(plain, q)}
+    """The R² and relative error of every fit that ran (by site name): one :func:`_quality` call per
+    number of features, each site's channels summed apart."""
+    groups: dict[int, list[_Fit]] = {}
+    for f in fits:
+        if f.calls > 0:
+            groups.setdefault(f.features, []).append(f)
+    out: dict[str, dict[str, float | None]] = {}
+    for k, group in groups.items():
+        m = torch.cat([f.m for f in group], 1)
+        counts = torch.tensor([f.c for f in group], device=m.device)
+        index = torch.repeat_interleave(torch.arange(len(group), device=m.device), counts)
+        n = torch.tensor([f.n for f in group], dtype=torch.float64, device=m.device)[index]
+        q = _quality(_gram(m, k, n), torch.cat([f.coef(f.theta0) for f in group]),
+                     torch.cat([f.coef(f.theta) for f in group]), index, len(group))
+        out.update({f.name: qi for f, qi in zip(group, q)})
+    return out
 
 
 class _Readout:
@@ -1146,7 +1149,7 @@ def calibrate(
     seconds = time.perf_counter() - t_start
 
     warnings: list[str] = []
-    batched_quality = _fit_quality(list(fits.values()))
+    qualities = _fit_quality(list(fits.values()))
     for rs in report_sites:
         f = fits.get(rs.site)
         if f is None:
@@ -1155,7 +1158,7 @@ def calibrate(
         if f.calls == 0:
             rs.status, rs.note = "not-run", "the site never ran on the calibration data"
             continue
-        q = batched_quality[rs.site] if rs.site in batched_quality else f.quality()
+        q = qualities[rs.site]
         rs.r2_before, rs.r2_after, rs.rel_before, rs.rel_after = q["r2_before"], q["r2_after"], q["rel_before"], q["rel_after"]
         rs.extra = f.describe()
         if rs.r2_after is not None and rs.r2_after < LOW_R2:

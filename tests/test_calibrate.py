@@ -230,6 +230,14 @@ def test_fitted_output_is_written_in_place_only_into_a_fresh_tensor():
         assert torch.equal(x, keep)
 
 
+def _lstsq_fit(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = z.shape[1]
+    zc, yc = z.movedim(1, 0).reshape(c, -1).double(), y.movedim(1, 0).reshape(c, -1).double()
+    zm, ym = zc - zc.mean(1, keepdim=True), yc - yc.mean(1, keepdim=True)
+    a = (zm * ym).sum(1) / (zm * zm).sum(1)
+    return a, yc.mean(1) - a * zc.mean(1)
+
+
 def _sequential_reference(original, conv, x):
     """Layer by layer on one batch: fit site k by least squares with sites < k already fitted."""
     model = conv.model.eval()
@@ -248,12 +256,7 @@ def _sequential_reference(original, conv, x):
             model(x)
         h1.remove()
         h2.remove()
-        c = norm.weight.numel()
-        z = rec["z"].movedim(1, 0).reshape(c, -1).double()
-        y = rec["y"].movedim(1, 0).reshape(c, -1).double()
-        zc, yc = z - z.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-        a_ = (zc * yc).sum(1) / (zc * zc).sum(1)
-        b_ = y.mean(1) - a_ * z.mean(1)
+        a_, b_ = _lstsq_fit(rec["z"], rec["y"])
         with torch.no_grad():
             norm.weight.copy_(a_.float())
             norm.bias.copy_(b_.float())
@@ -279,10 +282,7 @@ def test_each_layer_sees_the_calibrated_earlier_ones(original):
         original(x)
     h1.remove()
     h2.remove()
-    z = F.group_norm(rec["x"], 1, eps=1e-5).movedim(1, 0).reshape(64, -1).double()
-    y = rec["y"].movedim(1, 0).reshape(64, -1).double()
-    zc, yc = z - z.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-    independent = (zc * yc).sum(1) / (zc * zc).sum(1)
+    independent, _ = _lstsq_fit(F.group_norm(rec["x"], 1, eps=1e-5), rec["y"])
     assert (independent - conv.model.layer3.bn2.weight.double()).abs().max() > 1e-2
 
 
@@ -569,14 +569,6 @@ class TwoBranches(nn.Module):
         if bool(x[0].sum() > 0):
             out = out + self.bn_c(self.conv_c(x)).mean((2, 3)).sum(1, keepdim=True)
         return out
-
-
-def _lstsq_fit(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c = z.shape[1]
-    zc, yc = z.movedim(1, 0).reshape(c, -1).double(), y.movedim(1, 0).reshape(c, -1).double()
-    zm, ym = zc - zc.mean(1, keepdim=True), yc - yc.mean(1, keepdim=True)
-    a = (zm * ym).sum(1) / (zm * zm).sum(1)
-    return a, yc.mean(1) - a * zc.mean(1)
 
 
 def test_parallel_sites_are_each_the_least_squares_and_scored_at_once():
