@@ -20,7 +20,7 @@ _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
 console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH, soft_wrap=True)  # an error stays one line
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY = 0, 1, 2, 3
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY, EXIT_NOTHING_COMPARED = 0, 1, 2, 3, 4
 DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,7 +66,7 @@ def load(model: str | None, args: list[str], weights: str | None, trust_pickle: 
 
 def input_shape(loaded: normswap.LoadedModel, given: str | None) -> tuple[tuple[int, ...], str]:
     """The example input shape and where it came from."""
-    if given:
+    if given is not None:  # an empty --input-shape "" is an error, not "use the default"
         return parse_shape(given), "--input-shape"
     if loaded.input_shape:
         return tuple(loaded.input_shape), "the model's default"
@@ -86,6 +86,33 @@ def load_samples(path: str | None):
     from normswap.load import load_tensor_file
 
     return load_tensor_file(path)
+
+
+def validate_options(
+    *, atol: float | None = None, rtol: float | None = None, groups: int | None = None,
+    calib_samples: int | None = None, calib_batch: int | None = None, recover_steps: int | None = None,
+    recover_batch: int | None = None, lr: float | None = None, input_shape: str | None = None,
+) -> None:
+    """The numeric options shared by commands, checked before any work (exit 2 naming the option)."""
+    from normswap import validate
+    from normswap.parity import check_tolerances
+
+    check_tolerances(0.0 if atol is None else atol, 0.0 if rtol is None else rtol)
+    validate.positive_int("--groups", groups)
+    validate.positive_int("--calib-samples", calib_samples)
+    validate.positive_int("--calib-batch", calib_batch)
+    validate.non_negative_int("--recover-steps", recover_steps)
+    validate.positive_int("--recover-batch", recover_batch)
+    validate.finite_positive("--lr", lr)
+    if input_shape is not None:
+        parse_shape(input_shape)
+
+
+def verdict_exit_code(parity: Any) -> int:
+    """The exit code of a parity verdict: passed 0, failed 3, nothing compared 4."""
+    if parity is None or parity:
+        return EXIT_OK
+    return EXIT_NOTHING_COMPARED if parity.nothing_compared else EXIT_PARITY
 
 
 def debug_enabled(flag: bool) -> bool:
@@ -111,20 +138,40 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]; no output file was left half-written")
             raise typer.Exit(130) from None
+        except OSError as e:  # a path the user gave cannot be read or written: theirs to fix
+            if debug:
+                traceback.print_exc()
+            if e.filename is None and not isinstance(e, (PermissionError, FileNotFoundError)):
+                return _internal(e)
+            where = f" {e.filename}" if e.filename is not None else ""
+            err_console.print(Text.assemble(("error: ", "bold red"), f"cannot access{where}: {e.strerror or e}; check the path and its permissions"),
+                              highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except MemoryError:
+            err_console.print(Text.assemble(("error: ", "bold red"), "out of memory; pass a smaller --input-shape or batch"), highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as e:  # a bug in normswap or in the model: say so in one line
             if debug:
                 traceback.print_exc()
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            err_console.print(
-                Text.assemble(
-                    ("error: ", "bold red"),
-                    f"unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback, and please report it)",
-                ),
-                highlight=False,
-            )
-            raise typer.Exit(EXIT_INTERNAL) from None
+            return _internal(e)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal(e: BaseException) -> Any:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if isinstance(e, RuntimeError) and "can't allocate memory" in first:  # torch's allocator, not a bug
+        err_console.print(Text.assemble(("error: ", "bold red"), f"out of memory ({first[:120]}); pass a smaller --input-shape or batch"),
+                          highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    err_console.print(
+        Text.assemble(
+            ("error: ", "bold red"),
+            f"unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback, and please report it)",
+        ),
+        highlight=False,
+    )
+    raise typer.Exit(EXIT_INTERNAL) from None
 
 
 # ---- torchrun ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .common import (
     load,
     print_json,
     torchrun_aware,
+    validate_options,
     write_json,
 )
 
@@ -64,11 +65,18 @@ def compare(
     from normswap.compare import compare_targets
     from normswap.errors import InputError
 
+    from normswap import validate
+
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:
         raise InputError("--targets is empty; e.g. --targets fold,gn-ws,ln,sn")
+    validate_options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, input_shape=input_shape_)
+    validate.positive_int("--runs", runs)
+    validate.positive_int("--threads", threads)
+    validate.output_paths({"--report": report}, {"--weights": weights, "--calib": calib, "MODEL": validate.spec_path(model)})
     loaded = load(model, arg, weights, trust_pickle, no_strict)
     shape, _ = input_shape(loaded, input_shape_)
+    validate.input_size(shape)
     x = example_input(shape)
     data = calib_data(calib, loaded, calib_samples, calib_batch) if calib is not None else None
     heldout, hname = heldout_for(loaded) if data is not None else (None, None)

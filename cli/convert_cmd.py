@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 import normswap
+from normswap import validate
 from normswap.atomic import staging_dir
 from normswap.recover import DEFAULT_LR
 from normswap.report import build_report, sites_table
@@ -23,9 +24,9 @@ from .calibrate_cmd import (
     RecoverStepsOpt,
     SeedOpt,
     keep_function_step,
+    plot_path,
 )
 from .common import (
-    EXIT_PARITY,
     ArgOpt,
     AtolOpt,
     DebugOpt,
@@ -46,6 +47,8 @@ from .common import (
     load_samples,
     print_json,
     torchrun_aware,
+    validate_options,
+    verdict_exit_code,
     write_json,
 )
 
@@ -81,17 +84,28 @@ def convert(
     debug: DebugOpt = False,
 ) -> None:
     """Rewrite the model's BatchNorms (fold them, or swap them for another norm), export, verify."""
+    # every option and output path is checked before any work: nothing is written, then refused
+    validate_options(atol=atol, rtol=rtol, groups=groups, calib_samples=calib_samples, calib_batch=calib_batch,
+                     recover_steps=recover_steps, recover_batch=recover_batch, lr=lr, input_shape=input_shape_)
+    validate.output_paths(
+        {"--onnx": onnx, "--report": report, "--report's drift plot": plot_path(report, None), "--save": save},
+        {"--weights": weights, "--samples": samples, "--calib": calib, "MODEL": validate.spec_path(model)},
+        directories=("--save",),
+    )
     times: dict[str, float] = {}
     t = time.perf_counter()
     loaded = load(model, arg, weights, trust_pickle, no_strict)
     times["load"] = time.perf_counter() - t
     shape, shape_src = input_shape(loaded, input_shape_)
+    validate.input_size(shape)
     x = example_input(shape)
     extra = load_samples(samples)
 
     t = time.perf_counter()
+    # verify=False: the parity stage below checks every exact rewrite at batches 1 and 3 (noise floor
+    # included) and, unlike a raised error, still writes the report and honours --keep-failed
     conv = normswap.rewrite(
-        loaded.model, to, (x,), groups=groups, atol=atol, rtol=rtol,
+        loaded.model, to, (x,), groups=groups, atol=atol, rtol=rtol, verify=False,
         source={"spec": loaded.spec, "args": loaded.args, "weights": loaded.weights},
     )
     times["rewrite"] = time.perf_counter() - t
@@ -111,7 +125,7 @@ def convert(
             exported = normswap.export_onnx(conv.model, (x,), tmp / onnx.name, exporter=exporter, opset=opset, verify=False)
             times["export"] = time.perf_counter() - t
             parity = _parity(loaded.model, conv, tmp / onnx.name, shape, extra, atol, rtol, times)
-            if parity or keep_failed:
+            if parity or keep_failed:  # "nothing compared" proves nothing: kept only on request too
                 exported.move_into(onnx.parent)
     else:
         parity = _parity(loaded.model, conv, None, shape, extra, atol, rtol, times)
@@ -137,6 +151,8 @@ def convert(
     if json_out:
         print_json(rep)
     else:
+        for note in loaded.notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
         if kept is not None:
             console.print(kept)
         _print_summary(conv, exported, parity, onnx, save, report, times)
@@ -158,8 +174,9 @@ def convert(
                              "changes the function: calibrate (--calib) or fine-tune to recover accuracy"))
     if parity is not None and not parity:
         if onnx is not None and not keep_failed:
-            err_console.print(f"parity failed: {onnx} was not written (pass --keep-failed to write it anyway)")
-        raise typer.Exit(EXIT_PARITY)
+            why = "nothing was compared" if parity.nothing_compared else "parity failed"
+            err_console.print(f"{why}: {onnx} was not written (pass --keep-failed to write it anyway)")
+        raise typer.Exit(verdict_exit_code(parity))
 
 
 def _drift(original, rewritten, shape, samples, parity=None) -> dict:
@@ -186,7 +203,7 @@ def _parity(original, conv, onnx_path, shape, samples, atol, rtol, times):
         res = normswap.check_parity(conv.model, None, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol,
                                     reference_name="rewritten")
         res.notes.append(f"'{conv.to}' changes the model's function by design: parity checks the export only")
-    if not res and conv.exact:
+    if res.verdict == "failed" and conv.exact:
         res.divergence = conv.divergence(original, shape, atol=atol, rtol=rtol)
     times["parity"] = time.perf_counter() - t
     return res
@@ -213,5 +230,5 @@ def _print_summary(conv, exported, parity, onnx, save, report, times) -> None:
     if report is not None:
         console.print(f"report: {report}")
     total = sum(times.values())
-    verdict = "DONE (nothing to verify: no export of a function-changing swap)" if parity is None else ("PASSED" if parity else "FAILED")
+    verdict = "DONE (nothing to verify: no export of a function-changing swap)" if parity is None else parity.verdict.upper()
     console.print(f"{verdict}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()) + f" (total {total:.2f}s)")

@@ -11,7 +11,7 @@ from normswap.report import sites_table
 
 from .common import (
     ArgOpt, DebugOpt, JsonOpt, ModelArg, NoStrictOpt, ShapeOpt, TrustOpt, WeightsOpt,
-    console, example_input, guarded, input_shape, load, print_json,
+    console, example_input, guarded, input_shape, load, print_json, validate_options,
 )
 
 
@@ -29,8 +29,12 @@ def inspect(
     debug: DebugOpt = False,
 ) -> None:
     """List every norm site: name, type, producer, what --to would do there, or why not."""
+    from normswap import validate
+
+    validate_options(groups=groups, input_shape=input_shape_)
     loaded = load(model, arg, weights, trust_pickle, no_strict)
     shape, src = input_shape(loaded, input_shape_)
+    validate.input_size(shape, batch_sizes=(1,))
     rows = normswap.inspect(loaded.model, (example_input(shape),), to=to, groups=groups)
     if json_out:
         print_json({"model": loaded.spec, "input_shape": list(shape), "to": to, "sites": rows})

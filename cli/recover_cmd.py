@@ -1,13 +1,17 @@
 """``normswap recover``: label-free distillation of a saved conversion back onto its original model.
 
-Resumes from the checkpoint in ``--checkpoint-dir`` (default ``SAVED_DIR/recover-checkpoints``) when one
-exists, and saves the recovered conversion back into SAVED_DIR (or ``--out``), atomically.
+The saved directory is data: the original model is MODEL (built as ``normswap convert`` builds it),
+the bundled digits model when the record says so, or — only with ``--trust-spec`` — the model the
+record names; the conversion is re-applied to it and the saved weights (checked against the record's
+sha256) are loaded. Resumes from the checkpoint in ``--checkpoint-dir`` (default
+``SAVED_DIR/recover-checkpoints``) when one exists and belongs to this conversion, and saves the
+recovered conversion back into SAVED_DIR (or ``--out``), atomically.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -30,6 +34,7 @@ from .calibrate_cmd import (
     heldout_for,
 )
 from .common import (
+    ArgOpt,
     DebugOpt,
     JsonOpt,
     NoStrictOpt,
@@ -38,12 +43,28 @@ from .common import (
     console,
     guarded,
     is_main_process,
+    load,
     print_json,
     torchrun_aware,
+    validate_options,
     write_json,
 )
 
 CHECKPOINTS = "recover-checkpoints"
+
+# convert's MODEL argument (same forms); only the meaning of omitting it differs
+RecoverModelArg = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="the original model, as for `normswap convert`: package.module:callable, path/to/file.py:callable, "
+        "or a pickled model file (needs --trust-pickle). Omit it for a conversion of the bundled digits "
+        "ResNet, or with --trust-spec to build the model SAVED_DIR's record names.",
+        show_default=False,
+    ),
+]
+TrustSpecOpt = Annotated[bool, typer.Option(
+    "--trust-spec", help="without MODEL, import and call the model spec SAVED_DIR's conversion.json names "
+    "(runs code the directory chooses: only for directories you trust).")]
 
 
 @guarded
@@ -51,6 +72,7 @@ CHECKPOINTS = "recover-checkpoints"
 def recover(
     saved_dir: Annotated[Path, typer.Argument(help="a conversion saved with `normswap convert --save DIR`.", show_default=False)],
     calib: Annotated[str, typer.Option("--calib", help="unlabeled data: 'digits', a tensor file [N, ...] (.pt/.npy/.safetensors), an image folder, or module:callable.")],
+    model: RecoverModelArg = None,
     steps: Annotated[int, typer.Option("--steps", help="distillation steps (one batch each).")] = 200,
     calib_samples: CalibSamplesOpt = None,
     calib_batch: CalibBatchOpt = DEFAULT_CALIB_BATCH,
@@ -66,7 +88,9 @@ def recover(
     no_resume: Annotated[bool, typer.Option("--no-resume", help="start from the saved conversion even if a checkpoint exists.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="save the recovered conversion here (default: back into SAVED_DIR).")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="write the JSON report here.")] = None,
+    arg: ArgOpt = [],
     weights: WeightsOpt = None,
+    trust_spec: TrustSpecOpt = False,
     trust_pickle: TrustOpt = False,
     no_strict: NoStrictOpt = False,
     json_out: JsonOpt = False,
@@ -76,14 +100,39 @@ def recover(
     from normswap.calibrate import accuracy, agreement
     from normswap.recover import recover as run_recover
 
+    from normswap import validate
+
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
-    conv = normswap.load_conversion(saved_dir)
-    if conv.to == "fold":
+    validate_options(calib_samples=calib_samples, calib_batch=calib_batch, recover_batch=recover_batch, lr=lr)
+    validate.finite_positive("--temperature", temperature)
+    validate.finite_positive("--feature-weight", feature_weight, allow_zero=True)
+    validate.positive_int("--checkpoint-every", checkpoint_every)
+    if target_agreement is not None and not (0.0 < target_agreement <= 1.0):
+        raise InputError(f"--target-agreement {target_agreement} must be in (0, 1], e.g. 0.99")
+    validate.output_paths(
+        {"--report": report, "--out": out, "--checkpoint-dir": checkpoint_dir},
+        {"--weights": weights, "--calib": calib, "MODEL": validate.spec_path(model)},
+        directories=("--out", "--checkpoint-dir"),
+    )
+    from normswap.saved import read_record, untrusted_spec_message, uses_bundled_model
+
+    rec = read_record(saved_dir)  # validated, weights hash checked; runs nothing
+    if rec["to"] == "fold":
         raise InputError(f"{saved_dir} holds a 'fold' conversion, which is exact: there is nothing to recover")
-    src = conv.source or {}
-    teacher = normswap.load_model(src.get("spec"), args=src.get("args") or {}, weights=weights or src.get("weights"),
-                                  trust_pickle=trust_pickle, strict=not no_strict)
+    src = rec["source"] or {}
+    if model is not None:  # the teacher is the user's model, with --weights or the recorded weights file
+        teacher = load(model, arg, weights or src.get("weights"), trust_pickle, no_strict)
+    else:
+        if arg:
+            raise InputError("--arg applies to MODEL; give the model too: normswap recover SAVED_DIR MODEL --arg ...")
+        if rec["source"] is None:
+            raise InputError(f"{saved_dir / 'conversion.json'} does not name its model; pass it: normswap recover {saved_dir} MODEL")
+        if not uses_bundled_model(rec) and not trust_spec:
+            raise InputError(untrusted_spec_message(saved_dir, rec))
+        teacher = normswap.load_model(src.get("spec"), args=src.get("args") or {}, weights=weights or src.get("weights"),
+                                      trust_pickle=trust_pickle, strict=not no_strict)
+    conv = normswap.load_conversion(saved_dir, model=teacher.model)  # rewrites a copy: the teacher stays as it is
     data = calib_data(calib, teacher, calib_samples, calib_batch)
     ckdir = checkpoint_dir if checkpoint_dir is not None else saved_dir / CHECKPOINTS
     rep = run_recover(

@@ -4,6 +4,10 @@ A reader of the destination sees either the old file or the complete new one, ne
 partial write; on any failure (including ``KeyboardInterrupt``) the temporary is removed and
 the destination is left as it was.
 
+A process killed outright (SIGKILL, power loss) cannot clean up, so every temporary is named
+``.NAME.normswap-PID-XXXX.tmp`` (or ``.tmpdir``): the next :func:`atomic_path` / :func:`staging_dir`
+for the same destination removes the leftovers of writers that are no longer running.
+
     with atomic_path("report.json") as tmp:      # tmp is in the same folder as report.json
         tmp.write_text(...)
     atomic_write_text("report.json", text)        # the same, for the common case
@@ -14,6 +18,7 @@ the destination is left as it was.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +41,54 @@ def _parent(path: Path) -> Path:
     return parent
 
 
+def _prefix(name: str) -> str:
+    """The start of every temporary this process makes for destination ``name``."""
+    return f".{name}.normswap-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or os.name == "nt":  # not a pid we wrote; on Windows os.kill(pid, 0) is not a probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def clean_leftovers(parent: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.normswap-PID-*.tmp`` / ``.tmpdir`` in ``parent`` left by a writer (PID) that is
+    no longer running (e.g. killed by SIGKILL mid-write); returns what was removed. Temporaries of
+    live processes, including this one, are kept."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.normswap-(\d+)-[A-Za-z0-9_]+\.(?:tmp|tmpdir)$")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for e in entries:
+        m = pattern.match(e.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        p = Path(e.path)
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+        except OSError:  # not ours to remove (permissions): leave it
+            pass
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on normal exit move it onto ``path``.
@@ -45,7 +98,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(path)
     parent = _parent(dest)
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{dest.name}.", suffix=".tmp")
+    clean_leftovers(parent, dest.name)
+    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=_prefix(dest.name), suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -86,7 +140,8 @@ def staging_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(path)
     parent = _parent(dest)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dest.name}.", suffix=".tmpdir"))
+    clean_leftovers(parent, dest.name)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=_prefix(dest.name), suffix=".tmpdir"))
     try:
         yield tmp
     finally:

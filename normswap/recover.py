@@ -68,7 +68,7 @@ from .calibrate import (
     swapped_sites,
 )
 from .data import Rebatched, as_batches, local_batch
-from .errors import InputError, NormswapError
+from .errors import InputError, NormswapError, first_line
 
 __all__ = ["DEFAULT_LR", "DEFAULT_NOISE", "DEFAULT_TEMPERATURE", "STATE_FILE", "FunctionReport", "RecoveryReport", "keep_function", "recover", "save_drift_plot"]
 
@@ -269,7 +269,10 @@ def _save_checkpoint(d: Path, student: nn.Module, opt: torch.optim.Optimizer, st
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             blob["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(blob, str(tmp))
-    old = _read_state(d)
+    try:
+        old = _read_state(d)
+    except InputError:  # a damaged record is about to be replaced; its files cannot be named
+        old = None
     state = {**state, "weights": wname, "optimizer": oname}
     atomic_write_text(d / STATE_FILE, json.dumps(state, indent=2))
     if old is not None:  # the previous checkpoint's files, now superseded
@@ -284,9 +287,14 @@ def _read_state(d: Path) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
+        state = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"checkpoint record {p} is unreadable ({e}); delete {d} or pass resume=False") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 \
+            or not all(isinstance(state.get(k), str) for k in ("weights", "optimizer")):
+        raise InputError(f"checkpoint record {p} is damaged (no step or file names); delete {d} or pass resume=False")
+    return state
 
 
 def _load_checkpoint(d: Path, student: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
@@ -307,15 +315,25 @@ def _load_checkpoint(d: Path, student: nn.Module, opt: torch.optim.Optimizer) ->
     try:
         load_model(student, str(w), strict=True)
     except Exception as e:  # noqa: BLE001
+        if "Safetensor" in type(e).__name__ or isinstance(e, OSError):  # not a readable safetensors file
+            raise InputError(
+                f"checkpoint {w} is corrupt ({first_line(e, 160)}); delete {d} or pass resume=False / --no-resume"
+            ) from None
         raise InputError(
-            f"checkpoint {w} does not fit this model ({str(e).splitlines()[0][:160]}); it belongs to another "
+            f"checkpoint {w} does not fit this model ({first_line(e, 160)}); it belongs to another "
             "conversion: use another --checkpoint-dir or pass resume=False"
         ) from None
-    blob = torch.load(str(o), weights_only=True, map_location="cpu")
-    opt.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"])
-    if "cuda_rng" in blob and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    try:
+        blob = torch.load(str(o), weights_only=True, map_location="cpu")
+        opt.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["rng"])
+        if "cuda_rng" in blob and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    except Exception as e:  # noqa: BLE001 - a truncated/garbage file, or not an optimizer state
+        raise InputError(
+            f"checkpoint {o} is corrupt or not this run's optimizer state ({first_line(e, 160)}); "
+            f"delete {d} or pass resume=False / --no-resume"
+        ) from None
     return state
 
 
@@ -412,11 +430,24 @@ def recover(
     opt = torch.optim.Adam(params, lr=lr)
     start = 0
     history: list[tuple[int, float]] = []
+    conversion_id = getattr(conv, "conversion_id", None)
     if ckdir is not None and resume:
-        state = _load_checkpoint(ckdir, model, opt)
+        earlier = _read_state(ckdir)
+        other = earlier.get("conversion_id") if earlier is not None else None
+        if conversion_id is not None and other is not None and other != conversion_id:
+            # e.g. `convert --save DIR` again after a recovery in DIR: not this conversion's run
+            rep.notes.append(f"checkpoints in {ckdir} belong to another conversion (an earlier --save into the "
+                             "same directory); started fresh")
+            state = None
+        else:
+            state = _load_checkpoint(ckdir, model, opt)
         if state is not None:
-            start = int(state.get("step", 0))
-            history = [tuple(h) for h in state.get("history", [])]  # type: ignore[misc]
+            start = int(state["step"])
+            try:
+                history = [(int(h[0]), float(h[1])) for h in state.get("history", [])]
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise InputError(f"checkpoint record {ckdir / STATE_FILE} has a damaged loss history; "
+                                 f"delete {ckdir} or pass resume=False / --no-resume") from None
             rep.resumed = True
             changed = [k for k, v in (("seed", seed), ("lr", lr), ("temperature", temperature), ("feature_weight", feature_weight),
                                       ("schedule", schedule), ("augment", augment), ("noise", noise), ("steps", steps),
@@ -461,7 +492,7 @@ def recover(
         return {"normswap": __version__, "step": step, "steps": steps, "seed": seed, "lr": lr,
                 "temperature": temperature, "feature_weight": feature_weight, "schedule": schedule,
                 "augment": augment, "noise": noise, "batch_size": batch_size, "world_size": world, "model_fingerprint": fingerprint,
-                "history": [[s, v] for s, v in history]}
+                "conversion_id": conversion_id, "history": [[s, v] for s, v in history]}
 
     def checkpoint(step: int) -> None:
         if ckdir is None:

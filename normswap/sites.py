@@ -121,7 +121,15 @@ def bn_params(m: nn.Module) -> BNParams | str:
     b = getattr(m, "bias", None)
     if w is not None and not torch.isfinite(w).all() or b is not None and not torch.isfinite(b).all():
         return "affine weight or bias contains NaN or Inf"
-    return BNParams(rm, rv, w, b, float(m.eps))
+    eps = float(m.eps)
+    zero = int(((rv.detach().to(torch.float64) + eps) <= 0).sum())
+    if zero:  # 1/√(σ²+ε) is infinite: the BN itself outputs Inf/NaN, no finite fold exists
+        return f"running_var + eps is 0 in {zero} channel(s) (eps={eps:g}): the BN divides by zero"
+    scale = (1.0 if w is None else w.detach().to(torch.float64).abs()) * torch.rsqrt(rv.detach().to(torch.float64) + eps)
+    dtype = w.dtype if w is not None and w.is_floating_point() else rm.dtype
+    if dtype.is_floating_point and bool((scale > torch.finfo(dtype).max).any()):
+        return f"the folded scale γ/√(σ²+ε) overflows {str(dtype).replace('torch.', '')}: the fold would not be finite"
+    return BNParams(rm, rv, w, b, eps)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.fx as fx
 from rich.console import Console
 from torch import nn
 
+import normswap
 from normswap import parity
 from normswap.errors import InputError
 from normswap.parity import (
@@ -130,12 +131,78 @@ def test_integer_and_bool_outputs_compare_exactly():
     assert not b.passed
 
 
-def test_non_finite_values():
+def test_non_finite_values_fail_even_when_both_sides_match():
     ref = np.array([1.0, np.nan, np.inf])
-    (same,) = compare(ref, ref.copy(), pair="p", batch=1, atol=1e-5, rtol=1e-4)
-    (nan_in_cand,) = compare(np.array([1.0, 2.0]), np.array([1.0, np.nan]), pair="p", batch=1, atol=1, rtol=1)
-    assert same.passed and same.scale == 1.0
-    assert not nan_in_cand.passed and math.isinf(nan_in_cand.max_abs)
+    (same,) = compare(ref, ref.copy(), pair="original↔rewritten", batch=1, atol=1e-5, rtol=1e-4)
+    (nan_in_cand,) = compare(np.array([1.0, 2.0]), np.array([1.0, np.nan]), pair="original↔onnxruntime", batch=1, atol=1, rtol=1)
+    assert not same.passed and same.scale == 1.0
+    assert "the original model itself outputs NaN and Inf" in same.note
+    assert not nan_in_cand.passed and "the onnxruntime outputs NaN" in nan_in_cand.note
+
+
+def test_all_nan_outputs_are_failed_not_passed():
+    nan = torch.full((1, 10), float("nan"))
+    res = ParityResult(stats=compare(nan, nan.clone(), pair="original↔rewritten", batch=1), atol=1e-5, rtol=1e-4)
+    assert not res and res.verdict == "failed"
+    assert "itself outputs NaN" in res.summary()
+
+
+def test_empty_and_constant_outputs_compare_nothing():
+    empty = torch.zeros(0, 4)
+    (e,) = compare(empty, empty.clone(), pair="p", batch=1)
+    const = torch.full((3, 5), 2.0)
+    (c,) = compare(const, const.clone(), pair="p", batch=1)
+    one = torch.tensor([[0.3]])  # a single value is informative (a batch-1 regression output)
+    (o,) = compare(one, one.clone(), pair="p", batch=1)
+    assert e.passed and e.vacuous and c.passed and c.vacuous and o.passed and not o.vacuous
+    only_vacuous = ParityResult(stats=[e, c], atol=1e-5, rtol=1e-4)
+    assert not only_vacuous and only_vacuous.verdict == "nothing compared"
+    assert "NOTHING COMPARED" in only_vacuous.summary() and "--samples" in only_vacuous.summary()
+    assert ParityResult(stats=[], atol=1e-5, rtol=1e-4).verdict == "nothing compared"
+    mixed = ParityResult(stats=[e, o], atol=1e-5, rtol=1e-4)
+    assert mixed and mixed.verdict == "passed" and "compared nothing" in mixed.summary()
+    # an empty output the candidate does not reproduce still fails
+    (bad,) = compare(empty, torch.zeros(1, 4), pair="p", batch=1)
+    assert not bad.passed
+
+
+def test_noise_floor_rule_passes_only_what_the_original_itself_does():
+    ref = torch.arange(4.0)
+    (tight,) = compare(ref, ref + 1e-3, pair="p", batch=1, atol=1e-5, rtol=1e-4)
+    assert not tight.passed
+    (floored,) = compare(ref, ref + 1e-3, pair="p", batch=1, atol=1e-5, rtol=1e-4, floors=[5e-4])
+    assert floored.passed and not floored.vacuous and floored.noise_floor == 5e-4
+    (worse,) = compare(ref, ref + 1e-2, pair="p", batch=1, atol=1e-5, rtol=1e-4, floors=[5e-4])
+    assert not worse.passed  # clearly worse than NOISE_FACTOR x the floor
+    (jumpy,) = compare(ref, torch.ones(3), pair="p", batch=1, floors=[math.inf])
+    assert jumpy.passed and jumpy.vacuous and "not comparable" in jumpy.note
+
+
+def test_badly_conditioned_original_is_judged_against_its_own_noise():
+    """A BN with running_mean 1e6: float32 rounding of (x - 1e6) alone moves the original by ~0.06·s;
+    the exact fold lands within that noise and must pass, with both numbers reported."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        m[1].running_mean.fill_(1e6)
+        m[1].running_var.fill_(1e-2)
+        m[0].bias.fill_(1e6)
+    folded = normswap.convert(m, "fold", (torch.randn(1, 3, 8, 8),), verify=False)
+    res = check_parity(m, folded, None, input_shape=(1, 3, 8, 8), atol=1e-5, rtol=1e-4)
+    assert res, res.summary()
+    assert all(s.noise_floor is not None and s.noise_floor > 0 for s in res.stats)
+    assert "own float32 noise" in res.summary()
+    broken = normswap.convert(m, "fold", (torch.randn(1, 3, 8, 8),), verify=False)
+    with torch.no_grad():
+        next(p for n, p in broken.named_parameters() if n.endswith("bias")).add_(10.0)  # a real error, far above the noise (0.6)
+    assert not check_parity(m, broken, None, input_shape=(1, 3, 8, 8))
+
+
+def test_tolerances_must_be_finite_and_non_negative():
+    m = nn.Linear(2, 2)
+    for bad in (dict(atol=-1.0), dict(atol=math.nan), dict(rtol=math.inf)):
+        with pytest.raises(InputError, match="--(atol|rtol)"):
+            check_parity(m, m, None, input_shape=(1, 2), **bad)
 
 
 def test_nested_outputs_flatten_in_the_same_order_with_names():

@@ -112,8 +112,17 @@ def test_batchnormact_keeps_activation_when_swapped():
 
 def test_groups_that_do_not_divide_are_refused_with_reason():
     model = _model("resnet18")
-    conv = normswap.rewrite(model, "gn", (torch.randn(1, 3, 32, 32),), groups=7)
-    assert all(a.action == "refuse" and "7" in a.reason for a in conv.actions)
+    # every site refused: nothing was converted, which is an error and not a success
+    with pytest.raises(normswap.RewriteError, match=r"rewrote none of the 20 norm site\(s\): bn1: --groups 7 does not divide C=64"):
+        normswap.rewrite(model, "gn", (torch.randn(1, 3, 32, 32),), groups=7)
+    rows = normswap.inspect(model, (torch.randn(1, 3, 32, 32),), to="gn", groups=7)  # inspect still says why, per site
+    assert all(r["action"] == "refuse" and "7" in r["reason"] for r in rows)
+    for bad in (0, -4):
+        with pytest.raises(normswap.InputError, match="--groups"):
+            normswap.rewrite(model, "gn", (torch.randn(1, 3, 32, 32),), groups=bad)
+    # groups that fit some sites but not others: a partial swap, each refusal with its reason
+    conv = normswap.rewrite(model, "gn", (torch.randn(1, 3, 32, 32),), groups=128)
+    assert any(a.rewritten for a in conv.actions) and any(a.action == "refuse" for a in conv.actions)
 
 
 def test_shared_conv_is_not_standardized():
