@@ -132,6 +132,11 @@ def recover(
             raise InputError(untrusted_spec_message(saved_dir, rec))
         teacher = normswap.load_model(src.get("spec"), args=src.get("args") or {}, weights=weights or src.get("weights"),
                                       trust_pickle=trust_pickle, strict=not no_strict)
+    if getattr(teacher, "random_init", False):  # a fresh random model is not the one the conversion came from
+        raise InputError(
+            f"the original model for {saved_dir} builds random weights on every load, so it is not the model that was "
+            "converted; pass --weights FILE (the weights it was converted from) or the spec's pretrained argument"
+        )
     conv = normswap.load_conversion(saved_dir, model=teacher.model)  # rewrites a copy: the teacher stays as it is
     data = calib_data(calib, teacher, calib_samples, calib_batch)
     ckdir = checkpoint_dir if checkpoint_dir is not None else saved_dir / CHECKPOINTS

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import os
+import pickle
 import re
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,30 @@ def tiny_raising(depth: int = 18) -> nn.Module:
 
 def not_a_module() -> int:
     return 42
+
+
+BUILDS: list[dict[str, Any]] = []  # calls of tiny_counted
+
+
+def tiny_seeded() -> nn.Module:
+    """Builds the same weights every time (like a builder that loads its own checkpoint)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        return TinyNet()
+
+
+def tiny_counted(pretrained: bool = False, weights: Any = None) -> nn.Module:
+    """Records each call, so a test can see whether load_model built the model twice."""
+    BUILDS.append({"pretrained": pretrained, "weights": weights})
+    return TinyNet()
+
+
+def tiny_numpy_init() -> nn.Module:
+    """Draws its weights from numpy's global RNG, not torch's."""
+    m = TinyNet()
+    with torch.no_grad():
+        m.fc.weight.copy_(torch.from_numpy(np.random.standard_normal((3, 4)).astype("float32")))
+    return m
 
 
 NOT_CALLABLE = 3
@@ -679,7 +706,8 @@ def test_load_model_file_spec_with_args() -> None:
     assert lm.model.conv.out_channels == 6 and lm.model.fc.out_features == 2
     assert not lm.model.training and not lm.model.bn.training
     assert lm.spec == TINY_SPEC and lm.args == {"width": 6, "classes": 2}
-    assert lm.weights is None and lm.input_shape is None and lm.notes == []
+    assert lm.weights is None and lm.input_shape is None
+    assert lm.random_init and lm.notes == [L.RANDOM_INIT_NOTE]  # built without weights: random
 
 
 def test_load_model_module_spec() -> None:
@@ -761,3 +789,183 @@ def test_no_optional_imports() -> None:
             imported.add(node.module.split(".")[0])
     assert "torch" in imported  # the scan sees imports at all
     assert not imported & {"torchvision", "timm"}
+
+
+# --------------------------------------------------------------------------- random initialisation
+
+
+def test_random_init_is_detected_and_noted() -> None:
+    lm = load_model(TINY_SPEC)
+    assert lm.random_init is True
+    assert lm.notes == [L.RANDOM_INIT_NOTE]
+    assert L.RANDOM_INIT_NOTE.startswith("weights: random initialisation — pass --weights FILE")
+
+
+def test_random_init_false_with_weights(tmp_path: Path) -> None:
+    save_file(tiny_sd(5), str(tmp_path / "w.safetensors"))
+    lm = load_model(TINY_SPEC, weights=tmp_path / "w.safetensors")
+    assert lm.random_init is False and L.RANDOM_INIT_NOTE not in lm.notes
+
+
+def test_bundled_default_is_not_random() -> None:
+    lm = load_model()
+    assert lm.random_init is False and L.RANDOM_INIT_NOTE not in lm.notes
+    lm = load_model("normswap.models.digits:digits_resnet", args={"pretrained": False})
+    assert lm.random_init is True
+
+
+def test_builder_with_fixed_weights_is_not_random() -> None:
+    """Decided by building twice under different seeds: equal weights are not random."""
+    assert load_model(f"{THIS_FILE}:tiny_seeded").random_init is False
+    assert load_model("torch.nn:BatchNorm2d", args={"num_features": 3}).random_init is False  # deterministic init
+    assert load_model("torch.nn:ReLU").random_init is False  # nothing to initialise
+    assert load_model("torch.nn:LazyLinear", args={"out_features": 2}).random_init is False  # cannot tell
+
+
+def test_numpy_initialised_builder_is_random() -> None:
+    state = np.random.get_state()
+    assert load_model(f"{THIS_FILE}:tiny_numpy_init").random_init is True
+    np.random.set_state(state)
+
+
+def test_pretrained_argument_skips_the_rebuild() -> None:
+    spec = f"{THIS_FILE}:tiny_counted"
+    builds = resolve_callable(spec).__globals__["BUILDS"]  # the file spec runs this file as its own module
+    builds.clear()
+    lm = load_model(spec, args={"pretrained": True})
+    assert lm.random_init is False and len(builds) == 1
+    builds.clear()
+    assert load_model(spec, args={"weights": "DEFAULT"}).random_init is False
+    assert len(builds) == 1
+    builds.clear()
+    assert load_model(spec, args={"pretrained": False, "weights": None}).random_init is True
+    assert len(builds) == 2  # built again under another seed to be sure
+    builds.clear()
+    lm = load_model(spec, detect_random_init=False)
+    assert lm.random_init is True and len(builds) == 1  # the cheap guess
+
+
+def test_random_init_check_leaves_the_rng_streams_alone() -> None:
+    import random
+
+    def draws() -> tuple[float, float, float]:
+        return torch.rand(1).item(), random.random(), float(np.random.random())
+
+    def seed() -> None:
+        torch.manual_seed(7)
+        random.seed(7)
+        np.random.seed(7)
+
+    seed()
+    load_model(TINY_SPEC, detect_random_init=False)
+    expected = draws()
+    seed()
+    load_model(TINY_SPEC)  # builds twice
+    assert draws() == expected
+
+
+def test_pickled_model_file_is_not_random(tmp_path: Path) -> None:
+    torch.save(TinyNet(), tmp_path / "whole.pt")
+    assert load_model(str(tmp_path / "whole.pt"), trust_pickle=True).random_init is False
+
+
+# --------------------------------------------------------------------------- malicious pickles
+
+
+class _Shell:
+    """Unpickling this runs a shell command (os.system), which creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+class _Eval:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (eval, (f"open({self.marker!r}, 'w')",))
+
+
+SYSTEM = f"{os.system.__module__}.system"  # posix.system
+
+EVIL_FORMS: dict[str, Callable[[Any, Path], None]] = {
+    "zip": lambda obj, p: torch.save(obj, p),
+    "zip-in-dict": lambda obj, p: torch.save({"state_dict": {"w": torch.zeros(1)}, "x": obj}, p),
+    "zip-protocol-4": lambda obj, p: torch.save(obj, p, pickle_protocol=4),  # STACK_GLOBAL
+    "legacy": lambda obj, p: torch.save(obj, p, _use_new_zipfile_serialization=False),
+    "legacy-protocol-4": lambda obj, p: torch.save(obj, p, _use_new_zipfile_serialization=False, pickle_protocol=4),
+    "plain-pickle-protocol-0": lambda obj, p: p.write_bytes(pickle.dumps(obj, protocol=0)),  # GLOBAL, text
+    "plain-pickle-protocol-5": lambda obj, p: p.write_bytes(pickle.dumps(obj, protocol=5)),  # FRAME
+}
+
+
+@pytest.mark.parametrize("form", list(EVIL_FORMS))
+@pytest.mark.parametrize("payload", ["system", "eval"])
+def test_malicious_pickle_is_refused_naming_the_global(tmp_path: Path, form: str, payload: str) -> None:
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "evil.pt"
+    EVIL_FORMS[form](_Shell(marker) if payload == "system" else _Eval(marker), path)
+    glob = SYSTEM if payload == "system" else "builtins.eval"
+    calls: list[Callable[[], Any]] = [
+        lambda: load_model(str(path)),  # as MODEL
+        lambda: load_model(TINY_SPEC, weights=path),  # as --weights
+        lambda: load_state_dict_file(path),
+        lambda: load_pickled_module(path, trust_pickle=False),
+        lambda: load_tensor_file(path),  # as --samples
+    ]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            msg = expect_input_error(call, match=r"^pickle refused: ")
+        assert f"imports {glob}, which weights-only loading does not allow" in msg, msg
+        assert "--trust-pickle only for files you trust" in msg and "corrupt" not in msg, msg
+        assert str(path) in msg
+        assert not [w for w in caught if "torch" in str(w.filename)], [str(w.message) for w in caught]
+    assert not marker.exists(), "unpickling ran the payload"
+
+
+def test_dangerous_global_wins_over_a_class_before_it(tmp_path: Path) -> None:
+    """torch stops at the first refused global; the file is read statically for the worst one."""
+    marker = tmp_path / "MARKER"
+    torch.save({"model": TinyNet(), "hook": _Shell(marker)}, tmp_path / "mixed.pt")
+    msg = expect_input_error(load_state_dict_file, tmp_path / "mixed.pt", match=r"^pickle refused: ")
+    assert f"imports {SYSTEM}" in msg
+    assert not marker.exists()
+
+
+def test_pickle_scan_is_static(tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    torch.save(_Shell(marker), tmp_path / "a.pt")
+    torch.save(_Shell(marker), tmp_path / "b.pt", _use_new_zipfile_serialization=False, pickle_protocol=4)
+    assert SYSTEM in L._pickle_globals(tmp_path / "a.pt")
+    assert SYSTEM in L._pickle_globals(tmp_path / "b.pt")
+    torch.save(tiny_sd(), tmp_path / "sd.pt")
+    assert all(L._weights_only_allowed(g) for g in L._pickle_globals(tmp_path / "sd.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02garbage")
+    assert L._pickle_globals(tmp_path / "junk.pt") == []
+    assert not marker.exists()
+
+
+def test_trusted_malicious_pickle_does_run(tmp_path: Path) -> None:
+    """--trust-pickle means what it says (the file is then rejected as not a module)."""
+    marker = tmp_path / "MARKER"
+    torch.save(_Shell(marker), tmp_path / "evil.pt")
+    expect_input_error(load_pickled_module, tmp_path / "evil.pt", trust_pickle=True, match=r"not an nn\.Module")
+    assert marker.exists()
+
+
+def test_weights_mismatch_names_keys_and_counts(tmp_path: Path) -> None:
+    sd = tiny_sd(0, width=6)
+    for i in range(7):
+        sd[f"extra{i}.weight"] = torch.zeros(1)
+    del sd["fc.bias"]
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    msg = expect_input_error(load_model, TINY_SPEC, weights=tmp_path / "w.safetensors", match=r"do not fit")
+    assert "1 missing (fc.bias)" in msg
+    assert "7 unexpected (extra0.weight, extra1.weight, extra2.weight, extra3.weight, extra4.weight, ...)" in msg
+    assert "with the wrong shape (" in msg and "conv.weight: file (6, 1, 3, 3) vs model (4, 1, 3, 3)" in msg
+    assert re.search(r"\b\d+ with the wrong shape", msg)
