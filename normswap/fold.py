@@ -134,14 +134,20 @@ def fold_bn_into_linear_input(
 # --------------------------------------------------------------------------------------------
 
 def _with_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
-    """A copy of ``layer`` with new weight and bias (never touches ``layer``'s tensors)."""
-    new = copy.copy(layer)
-    new._parameters = dict(layer._parameters)
-    new._buffers = dict(layer._buffers)
-    new._modules = dict(layer._modules)
+    """A copy of ``layer`` with new weight and bias (never touches ``layer``'s tensors).
+
+    A deep copy whose memo maps the old weight/bias to the new ones (so they are not copied for
+    nothing): a shallow ``copy.copy`` would share the hook tables (``_forward_hooks``…) and the
+    other dicts of the caller's layer, so registering a hook on the result would register it on
+    the caller's model.
+    """
     req = layer.weight.requires_grad
-    new.weight = nn.Parameter(weight, requires_grad=req)
-    new.bias = nn.Parameter(bias, requires_grad=req)
+    memo: dict[int, Any] = {id(layer.weight): nn.Parameter(weight, requires_grad=req)}
+    if layer.bias is not None:
+        memo[id(layer.bias)] = nn.Parameter(bias, requires_grad=req)
+    new = copy.deepcopy(layer, memo)
+    if layer.bias is None:
+        new.bias = nn.Parameter(bias, requires_grad=req)
     return new
 
 
@@ -205,9 +211,12 @@ def _eval_owned(model: nn.Module, owned: set[int]) -> nn.Module:
 
 
 def _unshare(model: nn.Module, owned: set[int]) -> nn.Module:
-    """Replace every module still belonging to the caller's model by a copy (one copy per object,
-    so a layer used at two places stays one layer)."""
-    copies: dict[int, nn.Module] = {}
+    """Replace every module, parameter and buffer still belonging to the caller's model by a copy.
+
+    One deep-copy memo for all of them: an object referenced at several places (a layer used twice,
+    a weight tied between two layers) stays one object in the result, as in the caller's model.
+    """
+    memo: dict[int, Any] = {}
     stack = [model]
     while stack:
         m = stack.pop()
@@ -215,17 +224,15 @@ def _unshare(model: nn.Module, owned: set[int]) -> nn.Module:
             if child is None:
                 continue
             if id(child) in owned:
-                if id(child) not in copies:
-                    copies[id(child)] = copy.deepcopy(child)
-                m._modules[name] = copies[id(child)]
+                m._modules[name] = copy.deepcopy(child, memo)
             else:
                 stack.append(child)
         for name, p in list(m._parameters.items()):  # e.g. a folded layer's untouched extra params
             if p is not None and id(p) in owned:
-                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                m._parameters[name] = copy.deepcopy(p, memo)
         for name, b in list(m._buffers.items()):
             if b is not None and id(b) in owned:
-                m._buffers[name] = b.detach().clone()
+                m._buffers[name] = copy.deepcopy(b, memo)
     return model
 
 
@@ -311,7 +318,9 @@ def fold(
             n.replace_all_uses_with(out)
             gm.graph.erase_node(n)
             nmap[out.name] = n.name
-    result.model = _unshare(assemble(cap).eval(), shared)
+    # unshare first, then eval: ``.eval()`` on a model still holding the caller's layers (those
+    # not folded, e.g. a classifier Linear) would flip the caller's ``training`` flags
+    result.model = _unshare(assemble(cap), shared).eval()
     # safety net: a BN the site search did not reach is reported, never silently left behind
     seen = {a.site for a in result.actions}
     for name, m in result.model.named_modules():
