@@ -7,6 +7,7 @@ tools a user would otherwise reach for, all measured in the same run.
     python benchmarks/bench.py --targets fold,gn-ws,ln,sn --json out.json
     python benchmarks/bench.py --targets all         # every target in normswap.targets()
     python benchmarks/bench.py --models none --calib-targets gn,gn-ws,ln   # calibration cost only
+    python benchmarks/bench.py --startup             # CLI start-up only (seconds)
 
 What is compared (every ratio is normswap / baseline, so < 1 means normswap is faster/smaller):
 
@@ -44,6 +45,13 @@ What is compared (every ratio is normswap / baseline, so < 1 means normswap is f
    64; torchvision models get 64 seeded Gaussian images of ``--calib-size``² in batches of 16 (the
    cost does not depend on the pixel values).
 
+6. Start-up (every run; ``--startup`` runs only this): wall time of ``normswap --help``,
+   ``normswap convert --help``, ``normswap targets`` and ``normswap version`` as subprocesses, against
+   ``python -c "import torch"`` (what every command paid before the CLI started lazily) and ``python
+   -c pass`` (the interpreter alone). One untimed warm-up each (run with ``-X importtime``, which
+   says whether the command imported torch), then ``--startup-runs`` timed runs, interleaved
+   (rotating order); median and min per command, ratio of the medians to ``import torch``.
+
 Models: ``torchvision.models.get_model(name, weights=None)`` (random weights; timing does not
 depend on them), eval mode, input 1x3x224x224, seed 0.
 """
@@ -78,7 +86,7 @@ DEFAULT_CALIB_MODELS = "digits,resnet18"
 INPUT_SHAPE = (1, 3, 224, 224)
 
 QUICK = {"models": "resnet18", "repeats": 3, "swap_repeats": 1, "latency_budget": 6.0, "min_runs": 15, "max_runs": 200,
-         "warmup": 5, "calib_models": "digits", "calib_repeats": 3}
+         "warmup": 5, "calib_models": "digits", "calib_repeats": 3, "startup_runs": 5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-repeats", type=int, default=None, help="timed calibrations per (model, target) (default 5; --quick: 3)")
     p.add_argument("--calib-size", type=int, default=112, help="image side of the torchvision models' calibration data")
     p.add_argument("--quick", action="store_true", help="fast smoke run: resnet18 only, few repeats, short latency budget")
+    p.add_argument("--startup", action="store_true", help="measure only the CLI start-up (section 6)")
+    p.add_argument("--startup-runs", type=int, default=None, help="timed runs per start-up command (default 10; --quick: 5)")
     args = p.parse_args(argv)
 
     defaults = {"models": DEFAULT_MODELS, "repeats": 7, "swap_repeats": 3, "latency_budget": 20.0, "min_runs": 20,
-                "max_runs": 300, "warmup": 10, "calib_models": DEFAULT_CALIB_MODELS, "calib_repeats": 5}
+                "max_runs": 300, "warmup": 10, "calib_models": DEFAULT_CALIB_MODELS, "calib_repeats": 5, "startup_runs": 10}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, QUICK[k] if args.quick else v)
@@ -140,7 +150,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--calib-repeats must be positive and --calib-size at least 8")
     if args.repeats < 1 or args.swap_repeats < 1 or args.threads < 1 or not args.batch_list or min(args.batch_list) < 1:
         p.error("--repeats, --swap-repeats, --threads and batch sizes must be positive")
-    if not args.model_list and not args.calib_target_list:
+    if args.startup_runs < 1:
+        p.error("--startup-runs must be positive")
+    if not args.model_list and not args.calib_target_list and not args.startup:
         p.error("nothing to measure: --models none and --calib-targets none")
     return args
 
@@ -753,6 +765,96 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path, swap_targets
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. CLI start-up
+
+
+STARTUP_TORCH_FREE_GOAL_S = 0.3  # issue 13: --help / targets / version answer within ~0.3 s, without torch
+
+
+def startup_commands() -> list[tuple[str, list[str]]]:
+    """(label, argv) of the start-up section: the normswap commands, then the two references."""
+    cli = normswap_cli()
+    return [
+        ("normswap --help", [*cli, "--help"]),
+        ("normswap convert --help", [*cli, "convert", "--help"]),
+        ("normswap targets", [*cli, "targets"]),
+        ("normswap version", [*cli, "version"]),
+        ('python -c "import torch"', [sys.executable, "-c", "import torch"]),
+        ("python -c pass", [sys.executable, "-c", "pass"]),
+    ]
+
+
+def bench_startup(runs: int) -> dict[str, Any]:
+    """Wall seconds of each start-up command as a subprocess: one untimed warm-up (with the import
+    profile: did it import torch?), then ``runs`` timed runs, interleaved with a rotating order."""
+    cmds = startup_commands()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPROFILEIMPORTTIME", "NORMSWAP_DEBUG")}
+    rows: dict[str, dict[str, Any]] = {}
+    for label, argv in cmds:
+        proc = subprocess.run(argv, capture_output=True, text=True, env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+        mods = {ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+        rows[label] = {"command": shlex.join(argv), "returncode": proc.returncode, "imports_torch": "torch" in mods,
+                       "samples_s": []}
+        if proc.returncode != 0:
+            rows[label]["error"] = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1][:200]
+    for r in range(runs):
+        order = cmds[r % len(cmds):] + cmds[: r % len(cmds)]
+        for label, argv in order:
+            if "error" in rows[label]:
+                continue
+            t = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            rows[label]["samples_s"].append(time.perf_counter() - t)
+    torch_med = median(rows['python -c "import torch"']["samples_s"])
+    for row in rows.values():
+        row["median_s"], row["min_s"] = median(row["samples_s"]), min(row["samples_s"], default=None)
+        row["ratio_to_import_torch"] = ratio(row["median_s"], torch_med)
+    return {"runs": runs, "goal_s": STARTUP_TORCH_FREE_GOAL_S, "commands": [{"label": k, **v} for k, v in rows.items()]}
+
+
+def print_startup_table(console: Any, res: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"6. CLI start-up: wall s of a subprocess (median of {res['runs']} interleaved runs after 1 warm-up; "
+                    f"goal ≤ {res['goal_s']} s without importing torch)", title_justify="left", show_lines=False)
+    for i, c in enumerate(("command", "median s", "min s", "/ import torch", "imports torch")):
+        t.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+    for row in res["commands"]:
+        label, med = row["label"], row.get("median_s")
+        is_normswap = label.startswith("normswap")
+        sec = fmt_s(med)
+        if is_normswap and med is not None:
+            sec = f"[{'green' if med <= res['goal_s'] else 'red'}]{sec}[/]"
+        torch_col = ("[red]yes[/]" if is_normswap else "yes") if row["imports_torch"] else "no"
+        t.add_row(label, sec if "error" not in row else f"[red]{row['error']}[/]", fmt_s(row.get("min_s")),
+                  fmt_ratio(row.get("ratio_to_import_torch")) if is_normswap else fmt_s(row.get("ratio_to_import_torch"), 2),
+                  torch_col)
+    console.print(t)
+
+
+def main_startup(args: argparse.Namespace, command: str) -> int:
+    """``--startup``: section 6 alone (no torch imported in this process)."""
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 200))
+    console.print(f"$ {command}")
+    env = {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+           "loadavg_start": loadavg(), "normswap_cli": shlex.join(normswap_cli())}
+    console.print(f"python {env['python']}; {env['cpu_count']} CPUs, load average {env['loadavg_start']}; "
+                  f"normswap = {env['normswap_cli']}")
+    res = bench_startup(args.startup_runs)
+    console.print()
+    print_startup_table(console, res)
+    env["loadavg_end"] = loadavg()
+    console.print(f"load average at end {env['loadavg_end']} (start {env['loadavg_start']})")
+    if args.json_out:
+        doc = {"command": command, "environment": env, "args": {k: v for k, v in vars(args).items()}, "startup": res}
+        Path(args.json_out).write_text(json.dumps(doc, indent=1, default=str))
+        console.print(f"JSON: {args.json_out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # tables
 
 
@@ -907,6 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join([sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv])
 
+    if args.startup:
+        return main_startup(args, command)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy
     import onnx
@@ -977,8 +1081,12 @@ def main(argv: list[str] | None = None) -> int:
             log(traceback.format_exc())
             notes.append(f"{name}: calibration benchmark failed: {short_error(e)}")
 
+    log("CLI start-up")
+    startup = bench_startup(args.startup_runs)
+
     console.print()
     print_tables(console, results, args, calib)
+    print_startup_table(console, startup)
     for r in results:
         for n in r.get("notes", []):
             notes.append(f"{r['model']}: {n}")
@@ -998,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json_out:
         doc = {"command": command, "environment": env, "args": {k: v for k, v in vars(args).items()},
-               "notes": notes, "results": results, "calibration": calib, "seconds": total}
+               "notes": notes, "results": results, "calibration": calib, "startup": startup, "seconds": total}
         Path(args.json_out).write_text(json.dumps(doc, indent=1, default=str))
         console.print(f"JSON: {args.json_out}")
     return 0

@@ -23,8 +23,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 import normswap
+from normswap.defaults import DEFAULT_ATOL, DEFAULT_RTOL
 from normswap.errors import InputError
-from normswap.load import DEFAULT_MODEL_SPEC
 
 from .common import (
     ArgOpt, AtolOpt, DebugOpt, JsonOpt, NoStrictOpt, RtolOpt, SamplesOpt,
@@ -122,8 +122,8 @@ def check(
     no_strict: NoStrictOpt = False,
     input_shape_: ShapeOpt = None,
     samples: SamplesOpt = None,
-    atol: AtolOpt = normswap.parity.DEFAULT_ATOL,
-    rtol: RtolOpt = normswap.parity.DEFAULT_RTOL,
+    atol: AtolOpt = DEFAULT_ATOL,
+    rtol: RtolOpt = DEFAULT_RTOL,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -165,7 +165,7 @@ def check(
     against_info: dict[str, Any] = {
         "description": described,
         "bundled_default": bundled,
-        "spec": loaded.spec or DEFAULT_MODEL_SPEC,
+        "spec": loaded.spec or _bundled_spec(),
         "args": loaded.args,
         "weights": loaded.weights,
         "input_shape": list(shape),
@@ -179,3 +179,9 @@ def check(
         console.print(res)
     if not res:
         raise typer.Exit(verdict_exit_code(res))
+
+
+def _bundled_spec() -> str:
+    from normswap.load import DEFAULT_MODEL_SPEC
+
+    return DEFAULT_MODEL_SPEC

@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-import normswap
+import normswap  # lazy: no torch until a command uses it
+from normswap.defaults import DEFAULT_INPUT_SHAPE
 from normswap.errors import InputError, NormswapError
 
 # Piped output (CI logs, files) gets a readable width instead of rich's 80-column fallback.
@@ -21,7 +22,6 @@ console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH, soft_wrap=True)  # an error stays one line
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY, EXIT_NOTHING_COMPARED = 0, 1, 2, 3, 4
-DEFAULT_INPUT_SHAPE = (1, 3, 224, 224)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,24 +88,23 @@ def load_samples(path: str | None):
     return load_tensor_file(path)
 
 
-def validate_options(
-    *, atol: float | None = None, rtol: float | None = None, groups: int | None = None,
-    calib_samples: int | None = None, calib_batch: int | None = None, recover_steps: int | None = None,
-    recover_batch: int | None = None, lr: float | None = None, input_shape: str | None = None,
-) -> None:
-    """The numeric options shared by commands, checked before any work (exit 2 naming the option)."""
+def validate_options(*, input_shape: str | None = None, **values: Any) -> None:
+    """The numeric options (:func:`normswap.validate.options`) and ``--input-shape``, checked before
+    any work (exit 2 naming the option)."""
     from normswap import validate
-    from normswap.parity import check_tolerances
 
-    check_tolerances(0.0 if atol is None else atol, 0.0 if rtol is None else rtol)
-    validate.positive_int("--groups", groups)
-    validate.positive_int("--calib-samples", calib_samples)
-    validate.positive_int("--calib-batch", calib_batch)
-    validate.non_negative_int("--recover-steps", recover_steps)
-    validate.positive_int("--recover-batch", recover_batch)
-    validate.finite_positive("--lr", lr)
+    validate.options(**values)
     if input_shape is not None:
         parse_shape(input_shape)
+
+
+def progress_for(json_out: bool) -> Any:
+    """Live progress on a terminal only: none for --json, pipes, CI logs or a silenced torchrun rank."""
+    from normswap.progress import NullProgress, RichProgress
+
+    if json_out or console.quiet or not console.is_terminal:
+        return NullProgress()
+    return RichProgress(err_console)
 
 
 def verdict_exit_code(parity: Any) -> int:
@@ -227,15 +226,6 @@ def torchrun_aware(*writes: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return deco
-
-
-def write_json(path: Any, obj: Any) -> None:
-    """The JSON report at ``path``, written atomically (no half-written file on failure)."""
-    import json
-
-    from normswap.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def print_json(obj: Any) -> None:

@@ -1,4 +1,5 @@
-"""``normswap compare``: every requested norm target side by side on one model."""
+"""``normswap compare``: every requested norm target side by side on one model (options and rendering;
+the stages are :func:`normswap.pipeline.run_comparison`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,9 @@ from typing import Annotated
 import typer
 
 
-from .calibrate_cmd import (
-    DEFAULT_CALIB_BATCH,
-    CalibBatchOpt,
-    CalibOpt,
-    CalibSamplesOpt,
-    calib_data,
-    heldout_for,
-)
+from normswap.defaults import DEFAULT_CALIB_BATCH
+
+from .calibrate_cmd import CalibBatchOpt, CalibOpt, CalibSamplesOpt
 from .common import (
     ArgOpt,
     DebugOpt,
@@ -26,14 +22,13 @@ from .common import (
     TrustOpt,
     WeightsOpt,
     console,
-    example_input,
     guarded,
-    input_shape,
-    load,
+    is_main_process,
+    parse_shape,
     print_json,
+    progress_for,
     torchrun_aware,
     validate_options,
-    write_json,
 )
 
 DEFAULT_TARGETS = "fold,gn-ws,gn,ln,ln-channels,in,sn,bin,wn,frozen"
@@ -62,34 +57,16 @@ def compare(
 ) -> None:
     """Compare norm targets: parameters, onnxruntime latency vs the BN-folded model, agreement and
     per-layer drift vs the original (after calibration with --calib), batch independence, exactness."""
-    from normswap.compare import compare_targets
-    from normswap.errors import InputError
+    from normswap.load import parse_kv_args
+    from normswap.pipeline import run_comparison
 
-    from normswap import validate
-
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    if not names:
-        raise InputError("--targets is empty; e.g. --targets fold,gn-ws,ln,sn")
     validate_options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, input_shape=input_shape_)
-    validate.positive_int("--runs", runs)
-    validate.positive_int("--threads", threads)
-    validate.output_paths({"--report": report}, {"--weights": weights, "--calib": calib, "MODEL": validate.spec_path(model)})
-    loaded = load(model, arg, weights, trust_pickle, no_strict)
-    shape, _ = input_shape(loaded, input_shape_)
-    validate.input_size(shape)
-    x = example_input(shape)
-    data = calib_data(calib, loaded, calib_samples, calib_batch) if calib is not None else None
-    heldout, hname = heldout_for(loaded) if data is not None else (None, None)
-    if heldout is not None:
-        hx = heldout[0]
-        heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]
-    rep = compare_targets(
-        loaded.model, names, (x,), calib=data, heldout=heldout, heldout_name=hname, groups=groups,
-        latency=not no_latency, runs=runs, threads=threads,
-        model_name=loaded.spec or "bundled digits ResNet",
+    rep = run_comparison(
+        model, targets.split(","), args=parse_kv_args(arg or []), weights=weights, trust_pickle=trust_pickle,
+        strict=not no_strict, input_shape=None if input_shape_ is None else parse_shape(input_shape_), calib=calib,
+        calib_samples=calib_samples, calib_batch=calib_batch, groups=groups, latency=not no_latency, runs=runs,
+        threads=threads, report=report, progress=progress_for(json_out), write=is_main_process(),
     )
-    if report is not None:
-        write_json(report, rep.to_dict())
     if json_out:
         print_json(rep.to_dict())
     else:

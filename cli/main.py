@@ -4,10 +4,15 @@ Exit codes: 0 success · 1 unexpected internal error · 2 bad input (missing/cor
 spec, wrong keys, untrusted pickle, bad shape, refused rewrite) · 3 parity failed · 130
 interrupted (Ctrl-C).
 
-Importing this module is cheap: typer, torch and the commands are imported inside :func:`main`
-(or on first access to :data:`app`), so that a Ctrl-C while they load -- ``import torch`` takes
-seconds on a cold cache -- is caught like one during a command: one line, ``interrupted``, exit
-130, no traceback.
+Importing this module is cheap: typer and the commands are imported inside :func:`main` (or on
+first access to :data:`app`), so that a Ctrl-C while they load is caught like one during a command:
+one line, ``interrupted``, exit 130, no traceback.
+
+Start-up is instant: ``--help``, ``COMMAND --help``, ``targets`` and ``version`` never import torch
+(``import torch`` takes 1.5 s warm, many more on a cold cache). ``normswap`` itself imports lazily,
+the command modules import torch (and any normswap module that does) inside their functions only,
+option defaults come from :mod:`normswap.defaults`, and ``targets`` reads the norm catalog from the
+family modules' source (:mod:`normswap.norms.catalog`). ``tests/test_startup.py`` keeps it so.
 """
 
 from __future__ import annotations
@@ -21,13 +26,11 @@ _APP: Any = None
 
 
 def build_app() -> Any:
-    """The typer application (built once; imports typer, torch and every command)."""
+    """The typer application (built once; imports typer and every command module, not torch)."""
     global _APP
     if _APP is not None:
         return _APP
     import typer
-
-    import normswap
 
     from .check_cmd import check
     from .compare_cmd import compare
@@ -50,25 +53,59 @@ def build_app() -> Any:
     app.command("check")(check)
     app.command("recover")(recover)
     app.command("compare")(compare)
-
-    @app.command("targets")
-    def targets_cmd() -> None:
-        """List the --to targets."""
-        from .common import console
-
-        for name, tgt in normswap.targets().items():
-            if tgt is None:
-                console.print(f"{name:12s} exact      fold eval BatchNorm into the neighbouring Conv/ConvTranspose/Linear")
-            else:
-                console.print(f"{name:12s} {'exact' if tgt.exact else 'retrains':10s} {tgt.summary}")
-
-    @app.command("version")
-    def version_cmd() -> None:
-        """Print the version."""
-        print(normswap.__version__)
+    app.command("targets")(targets_cmd)
+    app.command("version")(version_cmd)
 
     _APP = app
     return app
+
+
+def norm_catalog() -> Any:
+    """:mod:`normswap.norms.catalog`, without running ``normswap/norms/__init__.py`` (it imports every
+    family module, hence torch) unless something already did: the catalog is stdlib-only and is
+    loaded from its file, under a private name."""
+    if "normswap.norms" in sys.modules:
+        import normswap.norms.catalog as catalog
+
+        return catalog
+    import importlib.util
+    from pathlib import Path
+
+    import normswap
+
+    name = "_normswap_norms_catalog"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(normswap.__file__).resolve().parent / "norms" / "catalog.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    catalog = importlib.util.module_from_spec(spec)
+    sys.modules[name] = catalog  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(catalog)  # type: ignore[union-attr]
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return catalog
+
+
+def targets_cmd() -> None:
+    """List the --to targets and what each promises.
+
+    exact: the same eval function as the original before any training. batch-independent: a sample's
+    output does not depend on the rest of its batch, in training too."""
+    rows = [(t.name, "yes" if t.exact else "no", "yes" if t.batch_independent else "no", t.summary)
+            for t in norm_catalog().all_targets().values()]
+    header = ("name", "exact", "batch-independent", "summary")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+
+
+def version_cmd() -> None:
+    """Print the version."""
+    import normswap
+
+    print(normswap.__version__)
 
 
 def __getattr__(name: str) -> Any:

@@ -236,10 +236,11 @@ class _TeacherTap:
         self.enabled = True
         self.handles = []
         mods = dict(teacher.named_modules())
+        missing = [n for n in names if n not in mods]
+        if missing:  # checked before any hook goes onto the caller's teacher, so none is left behind
+            raise InputError(f"site {missing[0]} is not a module of the original model")
         for n in names:
-            m = mods.get(n)
-            if m is None:
-                raise InputError(f"site {n} is not a module of the original model")
+            m = mods[n]
             drop, act = bn_post_ops(m)
             plain = drop is None and act is None
             self.handles.append(m.register_forward_hook(self._hook(n, m, plain)))

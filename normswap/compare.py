@@ -63,6 +63,9 @@ class CompareRow:
         return d
 
 
+LATENCY_BUDGET = 2.0  # the recommendation's limit: onnxruntime latency ≤ this × the folded model's
+
+
 @dataclass
 class CompareReport:
     model: str
@@ -70,43 +73,140 @@ class CompareReport:
     evaluated_on: str
     rows: list[CompareRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    eval_data: str = "held-out"  # held-out | calibration | random: what ``evaluated_on`` is
+    latency_budget: float = LATENCY_BUDGET
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "input_shape": self.input_shape, "evaluated_on": self.evaluated_on,
-                "targets": [r.to_dict() for r in self.rows], "notes": list(self.notes)}
+                "eval_data": self.eval_data, "targets": [r.to_dict() for r in self.rows], "notes": list(self.notes),
+                "latency_budget": self.latency_budget, "recommendation": self.recommendation()}
+
+    def recommended(self) -> CompareRow | None:
+        """Among the batch-independent norm targets that worked (``fold`` is the baseline, not a norm),
+        the best quality — top-1 agreement with the original when measured, else the lowest output
+        relative error — within :attr:`latency_budget` × the fold latency when latency was measured."""
+        return self._pick()[0]
+
+    def _pick(self) -> tuple[CompareRow | None, str]:
+        # fold and the exact targets (frozen, bin, wn, ...) keep the trained function by construction but
+        # do not renormalise while training: the question compare answers is which *new* norm to train with
+        ok = [r for r in self.rows if r.status == "ok" and r.target != "fold" and not r.exact_promised]
+        if not ok:
+            return None, "no recommendation: no function-changing norm target (gn, gn-ws, ln, …) was compared successfully"
+        indep = [r for r in ok if r.batch_independent]
+        if not indep:
+            return None, f"no recommendation: none of the compared norm targets ({', '.join(r.target for r in ok)}) is batch-independent"
+        timed = any(r.latency_vs_fold is not None for r in self.rows)
+        budget = self.latency_budget
+        if timed:
+            fits = [r for r in indep if r.latency_vs_fold is not None and r.latency_vs_fold <= budget]
+            if not fits:
+                over = ", ".join(f"{r.target} {r.latency_vs_fold:.2f}×" if r.latency_vs_fold is not None else f"{r.target} not timed"
+                                 for r in indep)
+                return None, (f"no recommendation: every batch-independent target is over the {budget:.1f}× fold latency "
+                              f"budget or untimed ({over})")
+        else:
+            fits = indep
+        by_agreement = any(r.agreement is not None for r in fits)
+        inf = float("inf")
+
+        def key(r: CompareRow) -> tuple[float, float, float]:
+            agr = -(r.agreement if r.agreement is not None else -inf) if by_agreement else 0.0
+            return (agr, r.rel_err if r.rel_err is not None else inf, r.latency_vs_fold or inf)
+
+        best = min(fits, key=key)
+        how = "exact" if best.exact_promised else ("calibrated" if best.calibrated else "naive swap")
+        data = {"held-out": "held-out", "calibration": "on the calibration data", "random": "on random inputs"}.get(self.eval_data, self.eval_data)
+        if by_agreement and best.agreement is not None:
+            quality = f"best top-1 agreement {best.agreement:.4f}"
+        else:
+            quality = "lowest output rel err " + ("—" if best.rel_err is None else f"{best.rel_err:.2g}")
+        line = f"recommended: {best.target} — {quality} ({how}, {data}) among batch-independent targets"
+        if timed:
+            line += f" within {budget:.1f}× fold latency ({best.latency_vs_fold:.2f}×)"
+        else:
+            line += " (latency not measured)"
+        return best, line
+
+    def recommendation(self) -> str:
+        """One line: the recommended target and why, or why there is none."""
+        return self._pick()[1]
 
     def __rich__(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        t = Table(title=f"{self.model}: norm targets compared (agreement on {self.evaluated_on})", title_justify="left")
-        for col in ("target", "sites", "params", "ORT latency vs fold", "top-1 agreement", "out rel err",
-                    "drift mean/max", "batch-independent", "exact"):
-            t.add_column(col)
+        from .report import Column, FittedTable
 
         def f(v: float | None, fmt: str) -> str:
             return "—" if v is None else format(v, fmt)
 
+        def sci(v: float | None) -> str:
+            return "—" if v is None else ("0" if v == 0 else f"{v:.1e}")
+
+        def count(n: int | None) -> str:
+            if n is None:
+                return "—"
+            for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+                if n >= div:
+                    v = n / div  # 4 significant digits, zeros kept: 11.70M, 159.8k
+                    return f"{v:.{max(0, 3 - len(str(int(v))) + 1)}f}{unit}"
+            return str(n)
+
+        notes: dict[str, int] = {}
+        failures: set[str] = set()
+
+        def ref(note: str) -> str:
+            return f"({notes.setdefault(note, len(notes) + 1)})"
+
+        rows: list[list[Any]] = []
+        best = self.recommended()
         for r in self.rows:
+            name = Text(r.target, style="bold" if r is best else "")
             if r.status != "ok":
-                t.add_row(r.target, "", "", "", "", "", "", "", f"[red]failed[/] {r.note or ''}")
+                failures.add(note := f"{r.target} failed: {r.note or 'no reason given'}")
+                rows.append([name, "", "", "", Text(f"failed {ref(note)}", style="red"), "", "", "", "", ""])
                 continue
-            sites = f"{r.swapped}" + (f" ({r.refused} refused)" if r.refused else "")
+            sites = f"{r.swapped}"
+            if r.refused:
+                sites = f"{r.swapped} {ref(f'{r.target}: {r.refused} site(s) refused, left as they were')}"
             if r.batch_independent is None:
-                bi = "—"
+                bi: Any = "—"
             elif r.batch_independent:
-                bi = "[green]yes[/]"
+                bi = Text("yes", style="green")
             else:
-                bi = f"[yellow]no[/] ({f(r.batch_rel_diff, '.1e')})"
-            ex = "—" if r.exact_promised is None else ("[green]exact[/]" if r.exact_promised else "changes") + f" ({f(r.naive_rel_err, '.1e')})"
-            agr = f(r.agreement, ".4f") + (" cal" if r.calibrated else "")
-            t.add_row(r.target, sites, f"{r.params:,}" if r.params is not None else "—", f(r.latency_vs_fold, ".2f") + "×" if r.latency_vs_fold else "—",
-                      agr, f(r.rel_err, ".3g"), f"{f(r.drift_mean, '.3f')}/{f(r.drift_max, '.3f')}", bi, ex)
-        return Group(t, *[Text(n, style="yellow") for n in self.notes])
+                bi = Text.assemble(("no", "yellow"), f" {sci(r.batch_rel_diff)}")
+            ex: Any = "—" if r.exact_promised is None else (Text("yes", style="green") if r.exact_promised else "no")
+            agr = f(r.agreement, ".4f") + ("*" if r.calibrated else "")
+            lat = f(r.latency_vs_fold, ".2f") + "×" if r.latency_vs_fold else "—"
+            rows.append([name, sites, count(r.params), lat, agr, sci(r.rel_err),
+                         f"{f(r.drift_mean, '.3f')}/{f(r.drift_max, '.3f')}", bi, ex, sci(r.naive_rel_err)])
+        columns = [
+            Column("target"),
+            Column("sites", justify="right", drop=1),
+            Column("params", justify="right", drop=4),
+            Column("ORT\nlatency", justify="right"),
+            Column("top-1\nagree", justify="right"),
+            Column("out rel\nerr", justify="right"),
+            Column("drift\nmean/max", justify="right", drop=5),
+            Column("batch-\nindep.", justify="left"),
+            Column("exact", justify="left"),
+            Column("naive\nrel err", justify="right", drop=6),
+        ]
+        foot: list[Any] = [Text(f"({i}) {n}", style="red" if n in failures else "dim") for n, i in notes.items()]
+        if any(r.calibrated for r in self.rows):
+            foot.append(Text("* after calibration; top-1 agree and out rel err are against the original on "
+                             f"{self.evaluated_on}; ORT latency is relative to fold", style="dim"))
+        else:
+            foot.append(Text(f"top-1 agree and out rel err are against the original on {self.evaluated_on}; "
+                             "ORT latency is relative to fold", style="dim"))
+        table = FittedTable(columns, rows, title=f"{self.model}: norm targets compared", footnotes=foot)
+        line = self.recommendation()
+        rec = Text(line, style="bold green" if best is not None else "yellow")
+        return Group(table, *[Text(n, style="yellow") for n in self.notes], rec)
 
 
-def _time_sessions(paths: dict[str, Path], x: Tensor, runs: int, rounds: int, threads: int) -> dict[str, float]:
+def _time_sessions(paths: dict[str, Path], x: Tensor, runs: int, rounds: int, threads: int, task: Any = None) -> dict[str, float]:
     from .parity import make_session, session_feed
 
     sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
@@ -121,6 +221,8 @@ def _time_sessions(paths: dict[str, Path], x: Tensor, runs: int, rounds: int, th
             for _ in range(runs):
                 s.run(None, feeds[k])
             best[k].append((time.perf_counter() - t0) / runs)
+        if task is not None:
+            task.advance(1)
     return {k: min(v) * 1e3 for k, v in best.items()}
 
 
@@ -138,16 +240,21 @@ def compare_targets(
     rounds: int = 5,
     threads: int = 1,
     model_name: str = "model",
+    latency_budget: float = LATENCY_BUDGET,
+    progress: Any = None,
 ) -> CompareReport:
     """Rewrite ``original`` to each of ``targets`` and measure them (see the module docstring).
 
     ``example_inputs``: the example input (batch 1 is used for latency). ``calib``: calibration batches
     (non-exact targets are calibrated on them); ``heldout``: batches for agreement/drift (default:
-    ``calib``, else 8 random inputs of the example's shape)."""
-    from .checks import batch_independence
-    from .convert import rewrite
+    ``calib``, else 8 random inputs of the example's shape). ``latency_budget``: the recommendation's limit, ×
+    the folded model's onnxruntime latency. ``progress``: a :class:`normswap.progress.Progress` — one
+    stage per target, then one for the latency timing (default :class:`~normswap.progress.NullProgress`)."""
     from .convert import targets as all_targets
     from .export import export_onnx
+    from .progress import NullProgress
+
+    progress = progress or NullProgress()
 
     x = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
     if not isinstance(x, Tensor):
@@ -158,58 +265,36 @@ def compare_targets(
         raise InputError(f"unknown target(s) {', '.join(unknown)}; choose from: {', '.join(known)}")
     targets = list(dict.fromkeys(targets))
     x1 = x[:1]
+    kind = "held-out"
     if heldout is None and calib is not None:
-        heldout, heldout_name = calib, heldout_name or "the calibration data"
+        heldout, heldout_name, kind = calib, heldout_name or "the calibration data", "calibration"
     if heldout is None:
         g = torch.Generator().manual_seed(0)
         heldout = [torch.randn((8, *x.shape[1:]), generator=g)]
-        heldout_name = "8 random inputs (no --calib: naive swaps)"
+        heldout_name, kind = "8 random inputs (no --calib: naive swaps)", "random"
     eval_data = list(as_batches(heldout))
-    rep = CompareReport(model=model_name, input_shape=list(x.shape), evaluated_on=heldout_name or "held-out data")
+    rep = CompareReport(model=model_name, input_shape=list(x.shape), evaluated_on=heldout_name or "held-out data",
+                        eval_data=kind, latency_budget=latency_budget)
     models: dict[str, nn.Module] = {}
     for t in (["fold"] if latency and "fold" not in targets else []) + targets:
-        row = CompareRow(target=t)
-        try:
-            conv = rewrite(original, t, (x1,), groups=groups if t != "fold" else None)
-        except NormswapError as e:
-            row.status, row.note = "failed", str(e)
-            if t in targets:
-                rep.rows.append(row)
-            continue
-        models[t] = conv.model
-        if t not in targets:
-            continue
-        row.swapped = sum(a.rewritten for a in conv.actions)
-        row.refused = sum(not a.rewritten for a in conv.actions)
-        row.params = sum(p.numel() for p in conv.model.parameters())
-        tgt = known[t]
-        row.exact_promised = True if tgt is None else bool(tgt.exact)
-        sites = [] if t == "fold" else None  # None: every swapped site
-        after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
-        row.naive_rel_err = after["rel_err"]
-        if calib is not None and not row.exact_promised and t != "fold":
-            calibrate(original, conv, calib)
-            row.calibrated = True
-            after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
-        row.agreement, row.rel_err = after["top1_agreement"], after["rel_err"]
-        if t != "fold":
-            if drift:
-                row.drift_mean = sum(drift.values()) / len(drift)
-                row.drift_max = max(drift.values())
-        bi = batch_independence(conv.model, list(x.shape))
-        row.batch_independent, row.batch_rel_diff = bi.independent, bi.max_rel_diff
-        rep.rows.append(row)
+        with progress.stage(t, detail="" if t in targets else "latency reference") as task:
+            row = _measure(original, t, t in targets, x, x1, known, calib, eval_data, groups, models, task)
+        if row is not None:
+            rep.rows.append(row)
     if latency and "fold" in models:
         with tempfile.TemporaryDirectory(prefix="normswap-compare-") as td:
             paths: dict[str, Path] = {}
-            for t, m in models.items():
-                try:
-                    res = export_onnx(m, (x1,), Path(td) / f"{t}.onnx")
-                    paths[t] = Path(res.path)
-                except NormswapError as e:
-                    rep.notes.append(f"{t}: ONNX export failed ({e}); no latency")
+            with progress.stage("export", total=len(models), detail="ONNX, for the latency timing") as task:
+                for t, m in models.items():
+                    try:
+                        res = export_onnx(m, (x1,), Path(td) / f"{t}.onnx")
+                        paths[t] = Path(res.path)
+                    except NormswapError as e:
+                        rep.notes.append(f"{t}: ONNX export failed ({e}); no latency")
+                    task.advance(1)
             if "fold" in paths:
-                ms = _time_sessions(paths, x1, runs, rounds, threads)
+                with progress.stage("latency", total=rounds, detail=f"onnxruntime, {len(paths)} models") as task:
+                    ms = _time_sessions(paths, x1, runs, rounds, threads, task)
                 for r in rep.rows:
                     if r.target in ms:
                         r.latency_ms = ms[r.target]
@@ -219,3 +304,43 @@ def compare_targets(
     elif latency:
         rep.notes.append("the fold rewrite failed: no latency reference")
     return rep
+
+
+def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, known: dict[str, Any], calib: Any,
+             eval_data: list[Any], groups: int | None, models: dict[str, nn.Module], task: Any) -> CompareRow | None:
+    """Rewrite to target ``t`` and measure it (its model goes into ``models`` for the timing); None for
+    the fold latency reference the caller did not ask for."""
+    from .checks import batch_independence
+    from .convert import rewrite
+
+    row = CompareRow(target=t)
+    try:
+        conv = rewrite(original, t, (x1,), groups=groups if t != "fold" else None)
+    except NormswapError as e:
+        row.status, row.note = "failed", str(e)
+        return row if wanted else None
+    models[t] = conv.model
+    if not wanted:
+        return None
+    row.swapped = sum(a.rewritten for a in conv.actions)
+    row.refused = sum(not a.rewritten for a in conv.actions)
+    row.params = sum(p.numel() for p in conv.model.parameters())
+    tgt = known[t]
+    row.exact_promised = True if tgt is None else bool(tgt.exact)
+    sites = [] if t == "fold" else None  # None: every swapped site
+    task.advance(0, step="agreement")
+    after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
+    row.naive_rel_err = after["rel_err"]
+    if calib is not None and not row.exact_promised and t != "fold":
+        task.advance(0, step="calibrate")
+        calibrate(original, conv, calib)
+        row.calibrated = True
+        after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
+    row.agreement, row.rel_err = after["top1_agreement"], after["rel_err"]
+    if t != "fold" and drift:
+        row.drift_mean = sum(drift.values()) / len(drift)
+        row.drift_max = max(drift.values())
+    task.advance(0, step="batch independence")
+    bi = batch_independence(conv.model, list(x.shape))
+    row.batch_independent, row.batch_rel_diff = bi.independent, bi.max_rel_diff
+    return row

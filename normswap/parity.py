@@ -57,6 +57,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from normswap.defaults import DEFAULT_ATOL, DEFAULT_RTOL, NOISE_FACTOR  # noqa: F401 - re-exported
 from normswap.errors import InputError, NormswapError, first_line
 
 __all__ = [
@@ -79,10 +80,7 @@ __all__ = [
     "first_divergence",
 ]
 
-DEFAULT_ATOL = 1e-5
-DEFAULT_RTOL = 1e-4
 SCALE_FLOOR = 1e-12  # max_rel = max_abs / max(scale, SCALE_FLOOR)
-NOISE_FACTOR = 4.0  # "clearly worse" than the reference's own float32 noise (see the module docstring)
 
 VERDICT_PASSED, VERDICT_FAILED, VERDICT_NOTHING = "passed", "failed", "nothing compared"
 
@@ -255,23 +253,19 @@ class ParityResult:
 
     def __rich__(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        table = Table(title="parity", title_justify="left", show_lines=False)
-        for col, just in [
-            ("pair", "left"),
-            ("output", "left"),
-            ("batch", "right"),
-            ("shape", "left"),
-            ("max abs", "right"),
-            ("scale", "right"),
-            ("max rel", "right"),
-            ("cosine", "right"),
-            ("top-1", "right"),
-            ("result", "left"),
-        ]:
-            table.add_column(col, justify=just)  # type: ignore[arg-type]
+        from normswap.report import Column, FittedTable
+
+        sides = {"original": "orig", "rewritten": "new", "onnxruntime": "ort"}
+        legend = {"orig": "original model", "new": "rewritten model", "ort": "the ONNX file on onnxruntime"}
+
+        def short(pair: str) -> str:  # the table's pair names; the JSON keeps the full ones
+            return "↔".join(sides.get(p, p) for p in pair.split("↔"))
+
+        notes: dict[str, int] = {}
+        failing_notes: set[str] = set()
+        rows: list[list[Any]] = []
         for s in self.stats:
             if not s.passed:
                 verdict = Text("FAIL", style="bold red")
@@ -280,9 +274,11 @@ class ParityResult:
             else:
                 verdict = Text("pass", style="green")
             if s.note:
-                verdict.append(f" ({s.note})", style="dim" if s.passed else "red")
-            table.add_row(
-                s.pair,
+                verdict.append(f" ({notes.setdefault(s.note, len(notes) + 1)})", style="dim" if s.passed else "red")
+                if not s.passed:
+                    failing_notes.add(s.note)
+            rows.append([
+                short(s.pair),
                 s.output,
                 str(s.batch),
                 "×".join(map(str, s.shape)) if s.shape else "scalar",
@@ -292,9 +288,27 @@ class ParityResult:
                 "-" if math.isnan(s.cosine) else f"{s.cosine:.7f}",
                 "-" if s.top1 is None else f"{s.top1:.1%}",
                 verdict,
-            )
+            ])
+        cos_one = all(math.isnan(s.cosine) or f"{s.cosine:.7f}" == "1.0000000" for s in self.stats)
+        no_top1 = all(s.top1 is None for s in self.stats)
+        columns = [
+            Column("pair"),
+            Column("output", fold=True),
+            Column("batch", justify="right"),
+            Column("shape", drop=3),
+            Column("max abs", justify="right", drop=2),
+            Column("scale", justify="right", drop=5),
+            Column("max rel", justify="right"),
+            Column("cosine", justify="right", drop=6 if cos_one else 1, why="1.0000000 everywhere" if cos_one else ""),
+            Column("top-1", justify="right", drop=7 if no_top1 else 4, why="no classifier output" if no_top1 else ""),
+            Column("result"),
+        ]
+        foot: list[Any] = [Text(f"({i}) {n}", style="red" if n in failing_notes else "dim") for n, i in notes.items()]
+        used = dict.fromkeys(p for s in self.stats for p in short(s.pair).split("↔"))
+        if any(p in legend for p in used):
+            foot.append(Text("pairs: " + ", ".join(f"{p} = {legend[p]}" for p in used if p in legend), style="dim"))
         style = "bold green" if self else ("bold yellow" if self.nothing_compared else "bold red")
-        parts: list[Any] = [table, Text(self.summary(), style=style)]
+        parts: list[Any] = [FittedTable(columns, rows, title="parity", footnotes=foot), Text(self.summary(), style=style)]
         if self.divergence:
             parts.append(Text(f"first divergence: {self.divergence}", style="yellow"))
         for note in self.notes:
@@ -303,7 +317,10 @@ class ParityResult:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.2e}" if math.isfinite(x) else str(x)
+    """A table number: ``1.6e-06``, ``0`` for an exact zero, ``inf`` / ``nan``."""
+    if x == 0:
+        return "0"
+    return f"{x:.1e}" if math.isfinite(x) else str(x)
 
 
 def _json_safe(obj: Any) -> Any:

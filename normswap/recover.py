@@ -39,6 +39,7 @@ draws the drift plot as a PNG (with PIL; no matplotlib needed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normswap.defaults import DEFAULT_LR, DEFAULT_TEMPERATURE  # noqa: F401 - re-exported
 from .atomic import atomic_path, atomic_write_text
 from .calibrate import (
     CalibrationReport,
@@ -74,8 +76,6 @@ __all__ = ["DEFAULT_LR", "DEFAULT_NOISE", "DEFAULT_TEMPERATURE", "STATE_FILE", "
 
 STATE_FILE = "recover.json"
 #: Adam's learning rate (cosine-decayed) and the distillation temperature, unless given.
-DEFAULT_LR = 1e-3
-DEFAULT_TEMPERATURE = 2.0
 #: augmentation noise, as a fraction of the input batch's standard deviation (see :func:`_augment`).
 #: Off: on the digits model (10 seeds, 200 steps) 0.125 lifts ``in`` from 0.9898 to 0.9927 mean
 #: held-out agreement but leaves gn / gn-ws / ln / ln-channels where they were (36 vs 35 of 40 runs
@@ -337,7 +337,32 @@ def _load_checkpoint(d: Path, student: nn.Module, opt: torch.optim.Optimizer) ->
     return state
 
 
-def _progress(enabled: bool, total: int, start: int):
+class _StageBar:
+    """Recovery's bar drawn by a :class:`normswap.progress.Progress` stage (a pipeline's progress)."""
+
+    def __init__(self, progress: Any, total: int, start: int) -> None:
+        self._cm = progress.stage("recover", total=total, detail=f"from step {start}" if start else "")
+        self._start, self._task, self._fields = start, None, {}
+
+    def __enter__(self) -> _StageBar:
+        self._task = self._cm.__enter__()
+        if self._start:
+            self._task.advance(self._start)
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cm.__exit__(*exc)
+
+    def update(self, _task: Any, advance: int = 0, **fields: Any) -> None:
+        self._fields.update(fields)
+        self._task.advance(advance, **self._fields)
+
+
+def _progress(enabled: Any, total: int, start: int):
+    """Recovery's progress bar: ``enabled`` is a bool (a rich bar on stderr, or none) or a
+    :class:`normswap.progress.Progress` whose "recover" stage draws it."""
+    if hasattr(enabled, "stage"):
+        return _StageBar(enabled, total, start), None
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -505,7 +530,7 @@ def recover(
             tdist.barrier(group=group)
 
     last_eval: tuple[int, dict[str, float | None]] | None = None
-    bar, task = _progress(progress and rank == 0 and steps > start, steps, start)
+    bar, task = _progress(progress if rank == 0 and steps > start else False, steps, start)
     step = start
     try:
         teacher.eval()
@@ -613,6 +638,7 @@ class FunctionReport:
     calibration: CalibrationReport | None = None
     recovery: RecoveryReport | None = None
     plot: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of "calibrate" and "recover"
 
     def stage(self, name: str) -> StageMetrics | None:
         return next((s for s in self.stages if s.stage == name), None)
@@ -625,23 +651,28 @@ class FunctionReport:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "recovery": None if self.recovery is None else self.recovery.to_dict(),
             "drift_plot": self.plot,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
     def __rich__(self) -> Any:
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
-        t = Table(title=f"keeping the trained function: --to {self.target} (measured on {self.evaluated_on})", title_justify="left")
-        for col in ("stage", "top-1 agreement", "output rel err", "accuracy", "mean layer drift", "max layer drift"):
-            t.add_column(col)
+        from .report import Column, FittedTable
+
+        rows: list[list[Any]] = []
         for s in self.stages:
             a, r = s.agreement.get("top1_agreement"), s.agreement.get("rel_err")
             d = list(s.drift.values())
-            t.add_row(s.stage, "—" if a is None else f"{a:.4f}", "—" if r is None else f"{r:.4f}",
-                      "—" if s.accuracy is None else f"{s.accuracy:.4f}",
-                      f"{sum(d) / len(d):.4f}" if d else "—", f"{max(d):.4f}" if d else "—")
-        parts: list[Any] = [t]
+            rows.append([s.stage, "—" if a is None else f"{a:.4f}", "—" if r is None else f"{r:.4f}",
+                         "—" if s.accuracy is None else f"{s.accuracy:.4f}",
+                         f"{sum(d) / len(d):.4f}" if d else "—", f"{max(d):.4f}" if d else "—"])
+        no_acc = all(s.accuracy is None for s in self.stages)
+        cols = [Column("stage"), Column("top-1\nagreement", justify="right"), Column("output\nrel err", justify="right"),
+                Column("accuracy", justify="right", drop=3 if no_acc else 1, why="no labels" if no_acc else ""),
+                Column("layer drift\nmean", justify="right", drop=2), Column("layer drift\nmax", justify="right")]
+        title = f"keeping the trained function: --to {self.target} (measured on {self.evaluated_on})"
+        parts: list[Any] = [FittedTable(cols, rows, title=title)]
         if self.original_accuracy is not None:
             parts.append(Text(f"original accuracy {self.original_accuracy:.4f}"))
         if self.calibration is not None:
@@ -680,7 +711,7 @@ def keep_function(
     augment: bool = True,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     target_agreement: float | None = None,
-    progress: bool = True,
+    progress: Any = True,
     plot: str | os.PathLike[str] | None = None,
 ) -> FunctionReport:
     """Naive swap → calibration → recovery on ``conversion`` (its model is changed in place), with
@@ -700,13 +731,18 @@ def keep_function(
     rep = FunctionReport(target=conversion.to, evaluated_on=where,
                          original_accuracy=None if y is None else accuracy(original, x, y), stages=[measure("naive")])
     if calibrate_:
-        rep.calibration = calibrate(original, conversion, calib)
+        t0 = time.perf_counter()
+        with (progress.stage("calibrate") if hasattr(progress, "stage") else contextlib.nullcontext()):
+            rep.calibration = calibrate(original, conversion, calib)
+        rep.seconds["calibrate"] = time.perf_counter() - t0
         rep.stages.append(measure("calibrated"))
     if recover_steps > 0:
+        t0 = time.perf_counter()
         rep.recovery = recover(original, conversion, calib, steps=recover_steps, lr=lr, temperature=temperature,
                                feature_weight=feature_weight, seed=seed, augment=augment,
                                checkpoint_dir=checkpoint_dir, target_agreement=target_agreement, progress=progress,
                                batch_size=recover_batch)
+        rep.seconds["recover"] = time.perf_counter() - t0
         rep.stages.append(measure("recovered"))
     if plot is not None:
         rep.plot = str(save_drift_plot(rep, plot))

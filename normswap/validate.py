@@ -16,7 +16,7 @@ from pathlib import Path
 
 from normswap.errors import InputError
 
-__all__ = ["output_paths", "positive_int", "non_negative_int", "finite_positive", "input_size", "spec_path"]
+__all__ = ["options", "output_paths", "positive_int", "non_negative_int", "finite_positive", "input_size", "spec_path"]
 
 # the files `--save DIR` writes (normswap.saved); an output or input naming one of them collides
 SAVED_FILES = ("conversion.json", "model.safetensors")
@@ -144,3 +144,24 @@ def input_size(shape: Sequence[int], *, batch_sizes: Sequence[int] = (1, 3), ite
             f"{option} {dims} needs {need / 2**30:.1f} GiB for one input at batch {max(batch_sizes)}, more than a quarter "
             f"of this machine's {mem / 2**30:.1f} GiB; pass a smaller shape"
         )
+
+
+#: option name -> its check, for :func:`options`
+_CHECKS = {
+    "groups": positive_int, "calib_samples": positive_int, "calib_batch": positive_int, "recover_batch": positive_int,
+    "steps": positive_int, "runs": positive_int, "threads": positive_int, "checkpoint_every": positive_int,
+    "recover_steps": non_negative_int, "lr": finite_positive, "temperature": finite_positive,
+    "feature_weight": lambda o, v: finite_positive(o, v, allow_zero=True),
+}
+
+
+def options(*, atol: float | None = None, rtol: float | None = None, target_agreement: float | None = None, **values: object) -> None:
+    """Check the numeric options shared by the commands and the pipeline (given ones only), each
+    message naming the option as the CLI spells it (``--calib-batch``)."""
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if v is not None:
+            finite_positive(f"--{name}", v, allow_zero=True)
+    if target_agreement is not None and not 0.0 < float(target_agreement) <= 1.0:
+        raise InputError(f"--target-agreement {target_agreement} must be in (0, 1], e.g. 0.99")
+    for name, v in values.items():
+        _CHECKS[name](f"--{name.replace('_', '-')}", v)  # type: ignore[operator]

@@ -21,6 +21,8 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("normswap")
     cmd = [exe] if exe else [sys.executable, "-m", "cli.main"]
     env = {**os.environ, "COLUMNS": "200"}
+    if not exe:  # the source tree's cli/, from any working directory
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("NORMSWAP_DEBUG", None)
     return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 

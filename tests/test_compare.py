@@ -60,7 +60,9 @@ def test_compare_targets(original):
 
     console = Console(record=True, width=200)
     console.print(rep)
-    assert "ORT latency" in console.export_text()
+    text = console.export_text()
+    assert "ORT" in text and "latency" in text and "recommended: " in text
+    assert d["recommendation"].startswith("recommended: ") and d["eval_data"] == "held-out"
     with pytest.raises(InputError, match="unknown target"):
         compare_targets(original, ["gn", "batchnorm9"], (x[:1],), latency=False)
 
