@@ -986,6 +986,7 @@ def calibrate(
     sn_steps: int = SN_STEPS,
     sn_lr: float = SN_LR,
     sn_batches: int = SN_BATCHES,
+    on_batch: Any = None,
 ) -> CalibrationReport:
     """Fit the swapped norms' γ, β (Switchable Norm: also its mixture; Batch-Instance Norm: also ρ) so
     each site's output matches the original BatchNorm's on ``batches`` (see the module docstring).
@@ -997,6 +998,7 @@ def calibrate(
     these site names. ``readout``: refit the final Linear to the original's outputs (None = when the
     outputs still differ, rel err > READOUT_MIN_REL, and ``sites`` is not given). ``dist``: None (use
     torch.distributed when initialized with > 1 process), False (never), or a process group.
+    ``on_batch``: called with no argument after each calibration batch (progress).
     """
     from .convert import Conversion
 
@@ -1101,6 +1103,8 @@ def calibrate(
                     teacher_seconds += time.perf_counter() - t0 - (tap.seconds - hooks0)
                     out = student(*batch)
                     agree.add(ref, out)
+                    if on_batch is not None:
+                        on_batch()
                     if probe is not None:
                         name, feats = probe.find(out)
                         probe.remove()

@@ -587,9 +587,11 @@ def run_recovery(
     before_state = {k: v.detach().clone() for k, v in conv.model.state_dict().items()}
     before = measure()
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else saved_dir / "recover-checkpoints"
+    # with held-out data, recovery itself ends on its best evaluated step (unless keep_last)
     rep = recover(teacher.model, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
                   seed=seed, augment=augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every, resume=resume,
-                  target_agreement=target_agreement, progress=progress, batch_size=recover_batch)
+                  target_agreement=target_agreement, progress=progress, batch_size=recover_batch,
+                  heldout=hx, keep_best=not keep_last)
     after = measure()
     where = hname or "the calibration data"
     if hx is None:
@@ -640,14 +642,18 @@ def run_comparison(
     report: str | Path | None = None,
     progress: Any = None,
     write: bool = True,
+    batch_sizes: Sequence[int] | str | None = None,
+    batch_samples: int = 256,
+    plot: str | Path | None = None,
 ) -> Any:
     """Every requested target side by side on one model (:func:`normswap.compare.compare_targets`):
     the same validate → load stages as :func:`run_conversion`, calibration data and held-out data
-    chosen the same way, the report written last."""
+    chosen the same way, the report written last. ``batch_sizes`` / ``batch_samples``: the batch-size
+    sweep (passed through); ``plot``: its PNG, written with the report."""
     import torch
 
     from normswap import validate
-    from normswap.compare import compare_targets
+    from normswap.compare import batch_sizes_from, compare_targets
     from normswap.errors import InputError
 
     progress = progress or NullProgress()
@@ -655,7 +661,12 @@ def run_comparison(
     if not names:
         raise InputError("--targets is empty; e.g. --targets fold,gn-ws,ln,sn")
     validate.options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, runs=runs, threads=threads)
-    validate.output_paths({"--report": report}, {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None,
+    sizes = None if batch_sizes is None else batch_sizes_from(batch_sizes)
+    if sizes is not None:
+        validate.positive_int("--batch-samples", batch_samples)
+    elif plot is not None:
+        raise InputError("--plot draws the batch-size sweep; add --batch-sizes (e.g. --batch-sizes 1,2,8,32)")
+    validate.output_paths({"--report": report, "--plot": plot}, {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None,
                                                   "MODEL": _spec_file(model)})
     with progress.stage("load", detail=str(model) if isinstance(model, str) else ""):
         loaded = load_stage(model, args=args, weights=weights, trust_pickle=trust_pickle, strict=strict)
@@ -675,7 +686,10 @@ def run_comparison(
             heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]
     rep = compare_targets(loaded.model, names, (x,), calib=data, heldout=heldout, heldout_name=hname, groups=groups,
                           latency=latency, runs=runs, threads=threads, progress=progress,  # one stage per target
+                          batch_sizes=sizes, batch_samples=batch_samples,
                           model_name=loaded.spec or ("bundled digits ResNet" if isinstance(model, (str, type(None))) else type(loaded.model).__name__))
+    if plot is not None and write and rep.batch_sweep is not None:
+        rep.batch_sweep.save_plot(plot)
     if report is not None and write:
         import json
 

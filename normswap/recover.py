@@ -110,6 +110,8 @@ class RecoveryReport:
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, top-1 agreement)
     agreement_before: dict[str, float | None] = field(default_factory=dict)
     agreement_after: dict[str, float | None] = field(default_factory=dict)
+    heldout_evals: list[tuple[int, float]] = field(default_factory=list)  # (step, top-1 agreement on held-out data)
+    best_step: int | None = None  # with keep_best: the step whose weights were kept
     checkpoint: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -122,6 +124,7 @@ class RecoveryReport:
             "schedule": self.schedule, "augment": self.augment, "noise": self.noise, "batch_size": self.batch_size, "world_size": self.world_size, "seconds": round(self.seconds, 3),
             "agreement_before": {k: r(v) for k, v in self.agreement_before.items()},
             "agreement_after": {k: r(v) for k, v in self.agreement_after.items()},
+            "heldout_evals": [[st, r(a)] for st, a in self.heldout_evals], "best_step": self.best_step,
             "loss": [[s, r(v)] for s, v in self.history],
             "evals": [[s, r(v)] for s, v in self.evals],
             "checkpoint": self.checkpoint, "notes": list(self.notes),
@@ -289,11 +292,11 @@ def _read_state(d: Path) -> dict[str, Any] | None:
     try:
         state = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"checkpoint record {p} is unreadable ({e}); delete {d} or pass resume=False") from None
+        raise InputError(f"checkpoint record {p} is unreadable ({e}); delete {d} or pass --no-resume (resume=False)") from None
     step = state.get("step") if isinstance(state, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0 \
             or not all(isinstance(state.get(k), str) for k in ("weights", "optimizer")):
-        raise InputError(f"checkpoint record {p} is damaged (no step or file names); delete {d} or pass resume=False")
+        raise InputError(f"checkpoint record {p} is damaged (no step or file names); delete {d} or pass --no-resume (resume=False)")
     return state
 
 
@@ -307,11 +310,11 @@ def _load_checkpoint(d: Path, student: nn.Module, opt: torch.optim.Optimizer) ->
     if fp is not None and fp != _fingerprint(student):
         raise InputError(
             f"checkpoint in {d} does not fit this model (it was written for another conversion: module types "
-            "differ); use another --checkpoint-dir or pass resume=False"
+            "differ); use another --checkpoint-dir or pass --no-resume (resume=False)"
         )
     w, o = d / str(state.get("weights")), d / str(state.get("optimizer"))
     if not w.is_file() or not o.is_file():
-        raise InputError(f"checkpoint in {d} is incomplete (missing {w.name if not w.is_file() else o.name}); delete {d} or pass resume=False")
+        raise InputError(f"checkpoint in {d} is incomplete (missing {w.name if not w.is_file() else o.name}); delete {d} or pass --no-resume (resume=False)")
     try:
         load_model(student, str(w), strict=True)
     except Exception as e:  # noqa: BLE001
@@ -321,7 +324,7 @@ def _load_checkpoint(d: Path, student: nn.Module, opt: torch.optim.Optimizer) ->
             ) from None
         raise InputError(
             f"checkpoint {w} does not fit this model ({first_line(e, 160)}); it belongs to another "
-            "conversion: use another --checkpoint-dir or pass resume=False"
+            "conversion: use another --checkpoint-dir or pass --no-resume (resume=False)"
         ) from None
     try:
         blob = torch.load(str(o), weights_only=True, map_location="cpu")
@@ -409,6 +412,8 @@ def recover(
     dist: Any = None,
     shard_batches: bool = True,
     batch_size: int | None = None,
+    heldout: Any = None,
+    keep_best: bool = False,
 ) -> RecoveryReport:
     """Distil ``teacher`` into ``student`` (a :class:`~normswap.Conversion` or the swapped module,
     trained in place) on ``batches`` for ``steps`` Adam steps; see the module docstring.
@@ -418,6 +423,10 @@ def recover(
     on the digits model 256 per step beats 64 (see examples/recover_digits.py).
 
     ``sites`` (default: every swapped site) are the layers matched when ``feature_weight`` > 0.
+    ``heldout`` (inputs, or batches, never trained on): top-1 agreement with the teacher is measured
+    on it at the start and every ``eval_every`` steps (shown beside the bar); with ``keep_best`` the
+    student ends with the weights of the best of those evaluations — the starting weights included, so
+    recovery never leaves a model that agrees less on held-out data than the one it was given.
     Returns a :class:`RecoveryReport`; the student keeps its train/eval flags."""
     from .convert import Conversion
 
@@ -530,6 +539,16 @@ def recover(
             tdist.barrier(group=group)
 
     last_eval: tuple[int, dict[str, float | None]] | None = None
+
+    def held() -> float | None:
+        return agreement(teacher, model, heldout)["top1_agreement"]
+
+    best: tuple[float, int, dict[str, Tensor]] | None = None  # (held-out agreement, step, weights)
+    if heldout is not None:
+        a0 = held()
+        if a0 is not None:
+            rep.heldout_evals.append((start, a0))
+            best = (a0, start, {k: v.detach().clone() for k, v in model.state_dict().items()})
     bar, task = _progress(progress if rank == 0 and steps > start else False, steps, start)
     step = start
     try:
@@ -580,6 +599,13 @@ def recover(
                 bar.update(task, advance=1, loss=f"{lv:.4g}")
                 if step % checkpoint_every == 0 and step < steps:
                     checkpoint(step)
+                if heldout is not None and (step % eval_every == 0 or step == steps):
+                    a = held()
+                    if a is not None:
+                        rep.heldout_evals.append((step, a))
+                        bar.update(task, agree=f"{a:.4f} held-out")
+                        if best is not None and a > best[0]:
+                            best = (a, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
                 if target_agreement is not None and (step % eval_every == 0 or step == steps):
                     last_eval = (step, agree())
                     a = last_eval[1]["top1_agreement"]
@@ -602,6 +628,15 @@ def recover(
             m.training = f
     rep.end_step = step
     rep.history = history
+    if keep_best and best is not None:
+        last = rep.heldout_evals[-1] if rep.heldout_evals and rep.heldout_evals[-1][0] == step else (step, held())
+        if last[1] is not None and best[0] > last[1]:
+            model.load_state_dict(best[2])
+            rep.best_step = best[1]
+            rep.notes.append(f"kept the weights of step {best[1]} (held-out top-1 agreement {best[0]:.4f}); "
+                             f"the last step {step} had {last[1]:.4f}")
+        else:
+            rep.best_step = step
     # the eval at the last step (target_agreement) already measured these weights on this data
     rep.agreement_after = last_eval[1] if last_eval is not None and last_eval[0] == step else agree()
     rep.seconds = time.perf_counter() - t_start
@@ -732,8 +767,9 @@ def keep_function(
                          original_accuracy=None if y is None else accuracy(original, x, y), stages=[measure("naive")])
     if calibrate_:
         t0 = time.perf_counter()
-        with (progress.stage("calibrate") if hasattr(progress, "stage") else contextlib.nullcontext()):
-            rep.calibration = calibrate(original, conversion, calib)
+        total = len(calib) if hasattr(calib, "__len__") else None
+        with (progress.stage("calibrate", total=total) if hasattr(progress, "stage") else contextlib.nullcontext()) as task:
+            rep.calibration = calibrate(original, conversion, calib, on_batch=None if task is None else task.advance)
         rep.seconds["calibrate"] = time.perf_counter() - t0
         rep.stages.append(measure("calibrated"))
     if recover_steps > 0:

@@ -122,3 +122,23 @@ def test_recover_keeps_a_better_saved_conversion(tmp_path, monkeypatch):
 def test_null_progress_is_silent():
     with NullProgress().stage("x", total=3) as t:
         t.advance(1, loss=0.5)
+
+
+def test_recovery_ends_on_its_best_held_out_step():
+    import normswap
+    from normswap.calibrate import agreement
+    from normswap.models.digits import load_digits
+    from normswap.recover import recover
+
+    original = normswap.load_model(None).model
+    conv = normswap.rewrite(original, "gn", (torch.randn(1, 1, 8, 8),))
+    data = normswap.calibration_batches("digits", samples=128, batch=32)
+    hx = load_digits("test")[0][:200]
+    start = agreement(original, conv.model, hx)["top1_agreement"]
+    # a learning rate that wrecks the model: the best evaluated weights are the starting ones
+    rep = recover(original, conv, data, steps=6, lr=0.5, eval_every=2, heldout=hx, keep_best=True, progress=False)
+    assert [s for s, _ in rep.heldout_evals] == [0, 2, 4, 6]
+    final = agreement(original, conv.model, hx)["top1_agreement"]
+    assert final == max(a for _, a in rep.heldout_evals) >= start
+    if rep.best_step != 6:
+        assert "kept the weights of step" in rep.notes[-1]
