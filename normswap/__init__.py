@@ -33,7 +33,8 @@ _EXPORTS: dict[str, str] = {
     "compare_targets": "compare",
     "calibration_batches": "data",
     **dict.fromkeys(("FunctionReport", "RecoveryReport", "keep_function", "recover"), "recover"),
-    **dict.fromkeys(("ConversionResult", "RecoveryResult", "Verdict", "run_comparison", "run_conversion", "run_recovery"), "pipeline"),
+    **dict.fromkeys(("CheckResult", "ConversionResult", "RecoveryResult", "Verdict", "run_check", "run_comparison", "run_conversion",
+                     "run_recovery"), "pipeline"),
 }
 
 #: functions named like the submodule that defines them: ``normswap.convert`` / ``.calibrate`` /
@@ -50,9 +51,11 @@ __all__ = [
     "calibrate",
     "calibration_batches",
     "compare_targets",
+    "CheckResult",
     "ConversionResult",
     "RecoveryResult",
     "Verdict",
+    "run_check",
     "run_comparison",
     "run_conversion",
     "run_recovery",
@@ -85,7 +88,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .errors import InputError, NormswapError, ParityError, RewriteError
     from .export import ExportResult, export_onnx
     from .load import LoadedModel, load_model
-    from .pipeline import ConversionResult, RecoveryResult, Verdict, run_comparison, run_conversion, run_recovery
+    from .pipeline import (CheckResult, ConversionResult, RecoveryResult, Verdict, run_check, run_comparison,
+                           run_conversion, run_recovery)
     from .parity import ParityResult, check_parity
     from .recover import FunctionReport, RecoveryReport, keep_function, recover
 

@@ -147,7 +147,7 @@ def test_check_missing_onnx(tmp_path):
 
 
 def test_read_onnx_inputs_api(digits_onnx, tmp_path):
-    from cli.check_cmd import read_onnx_inputs
+    from normswap.pipeline.check import read_onnx_inputs
     from normswap.errors import InputError
 
     (name, dims), = read_onnx_inputs(digits_onnx)

@@ -1,0 +1,90 @@
+"""``run_comparison``: every requested target side by side (``normswap compare``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_INPUT_SHAPE
+from normswap.progress import NullProgress
+
+from .stages import heldout_for, load_stage, spec_file
+
+__all__ = ["run_comparison"]
+
+
+def run_comparison(
+    model: Any = None,
+    targets: Sequence[str] = ("fold", "gn-ws", "gn", "ln", "ln-channels", "in", "sn", "bin", "wn", "frozen"),
+    *,
+    args: Mapping[str, Any] | None = None,
+    weights: Any = None,
+    trust_pickle: bool = False,
+    strict: bool = True,
+    input_shape: Sequence[int] | None = None,
+    calib: Any = None,
+    calib_samples: int | None = 256,
+    calib_batch: int = DEFAULT_CALIB_BATCH,
+    groups: int | None = None,
+    latency: bool = True,
+    runs: int = 20,
+    threads: int = 1,
+    report: str | Path | None = None,
+    progress: Any = None,
+    write: bool = True,
+    batch_sizes: Sequence[int] | str | None = None,
+    batch_samples: int = 256,
+    plot: str | Path | None = None,
+) -> Any:
+    """Every requested target side by side on one model (:func:`normswap.compare.compare_targets`):
+    the same validate → load stages as :func:`run_conversion`, calibration data and held-out data
+    chosen the same way, the report written last. ``batch_sizes`` / ``batch_samples``: the batch-size
+    sweep (passed through); ``plot``: its PNG, written with the report."""
+    import torch
+
+    from normswap import validate
+    from normswap.compare import batch_sizes_from, compare_targets
+    from normswap.errors import InputError
+
+    progress = progress or NullProgress()
+    names = [t.strip() for t in targets if t and t.strip()]
+    if not names:
+        raise InputError("--targets is empty; e.g. --targets fold,gn-ws,ln,sn")
+    validate.options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, runs=runs, threads=threads)
+    sizes = None if batch_sizes is None else batch_sizes_from(batch_sizes)
+    if sizes is not None:
+        validate.positive_int("--batch-samples", batch_samples)
+    elif plot is not None:
+        raise InputError("--plot draws the batch-size sweep; add --batch-sizes (e.g. --batch-sizes 1,2,8,32)")
+    validate.output_paths({"--report": report, "--plot": plot}, {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None,
+                                                  "MODEL": spec_file(model)})
+    with progress.stage("load", detail=str(model) if isinstance(model, str) else ""):
+        loaded = load_stage(model, args=args, weights=weights, trust_pickle=trust_pickle, strict=strict)
+    for n in loaded.notes:
+        progress.note(n)
+    shape = tuple(int(d) for d in input_shape) if input_shape is not None else tuple(loaded.input_shape or DEFAULT_INPUT_SHAPE)
+    validate.input_size(shape)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    data = heldout = hname = None
+    if calib is not None:
+        from normswap.data import calibration_batches
+
+        data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model)
+        heldout, hname = heldout_for(model, loaded)
+        if heldout is not None:
+            hx = heldout[0]
+            heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]
+    rep = compare_targets(loaded.model, names, (x,), calib=data, heldout=heldout, heldout_name=hname, groups=groups,
+                          latency=latency, runs=runs, threads=threads, progress=progress,  # one stage per target
+                          batch_sizes=sizes, batch_samples=batch_samples,
+                          model_name=loaded.spec or ("bundled digits ResNet" if isinstance(model, (str, type(None))) else type(loaded.model).__name__))
+    if plot is not None and write and rep.batch_sweep is not None:
+        rep.batch_sweep.save_plot(plot)
+    if report is not None and write:
+        import json
+
+        from normswap.atomic import atomic_write_text
+
+        atomic_write_text(report, json.dumps(rep.to_dict(), indent=2, default=str))
+    return rep
+

@@ -1,0 +1,310 @@
+"""``run_conversion``: the stages of ``normswap convert`` in order, and the result object it returns."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from normswap.defaults import DEFAULT_ATOL, DEFAULT_CALIB_BATCH, DEFAULT_INPUT_SHAPE, DEFAULT_LR, DEFAULT_RTOL
+from normswap.progress import NullProgress, Progress
+
+from .stages import BUNDLED_NAME, drift_plot_path, heldout_for, load_stage, spec_file
+from .verdict import Verdict, decide
+
+__all__ = ["ConversionResult", "run_conversion"]
+
+
+@dataclass
+class ConversionResult:
+    """Every stage's outcome; truthy when the verdict is good; renders as rich tables and JSON."""
+
+    conversion: Any
+    model_info: dict[str, Any]
+    verdict: Verdict
+    parity: Any = None
+    export: Any = None
+    kept: Any = None
+    drift: dict[str, Any] | None = None
+    batch_independence: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # what was written: onnx / save / report
+    notes: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.verdict.exit_code == 0
+
+    @property
+    def exit_code(self) -> int:
+        return self.verdict.exit_code
+
+    @property
+    def model(self) -> Any:
+        return self.conversion.model
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (what ``--report`` writes)."""
+        from normswap.report import build_report
+
+        extra: dict[str, Any] = {"verdict": self.verdict.to_dict(), "outputs": dict(self.outputs)}
+        if self.kept is not None:
+            extra["keep_function"] = self.kept.to_dict()
+        if self.drift is not None:
+            extra["drift_vs_original"] = self.drift
+        if self.batch_independence is not None:
+            extra["batch_independence"] = self.batch_independence
+        if self.notes:
+            extra["notes"] = list(self.notes)
+        return build_report(self.conversion, model=self.model_info, export=self.export, parity=self.parity,
+                            timings=self.seconds, extra=extra)
+
+    def timing_line(self) -> str:
+        total = sum(self.seconds.values())
+        return " · ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()) + f" (total {total:.2f}s)"
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        from normswap.report import sites_table
+
+        conv = self.conversion
+        rows = [a.to_dict() for a in conv.actions]
+        counts = ", ".join(f"{n} {k}" for k, n in conv.summary().items())
+        parts: list[Any] = [Text(f"normswap convert --to {conv.to}: {len(rows)} norm site(s): {counts}")]
+        plain = {"into-producer"} if conv.to == "fold" else set()
+        special = [r for r in rows if r["action"] not in plain or r.get("notes")]
+        if special:
+            parts.append(sites_table(special, title="sites needing more than a plain rewrite"))
+        if self.kept is not None:
+            parts.append(self.kept)
+        if self.parity is not None and self.parity.stats:
+            parts.append(self.parity)
+        if self.export is not None:
+            bn = self.export.op_counts.get("BatchNormalization", 0)
+            nodes = sum(self.export.op_counts.values())
+            where = self.outputs.get("onnx", "(not written)")
+            parts.append(Text(f"ONNX: {where} — {nodes} nodes, {bn} BatchNormalization, exporter {self.export.exporter}, opset {self.export.opset}"))
+        if self.batch_independence is not None:
+            bi = self.batch_independence
+            parts.append(Text(
+                "batch independence (training mode, sample alone vs in a batch of 8): original "
+                f"{'yes' if bi['original']['independent'] else 'no'} (diff {bi['original']['max_rel_diff']:.1e}), "
+                f"rewritten {'yes' if bi['rewritten']['independent'] else 'no'} (diff {bi['rewritten']['max_rel_diff']:.1e})"))
+        if self.drift is not None:
+            d = self.drift
+            parts.append(Text(f"drift vs the original (eval, batches 1 and 3{' + samples' if d.get('samples') else ''}): "
+                              f"max rel err {d['max_rel']:.2e}" + (f", top-1 agreement {d['top1']:.1%}" if d["top1"] is not None else "")))
+        if conv.to != "fold":
+            info = conv.target_info()
+            parts.append(Text(f"target '{conv.to}': {info['summary']}; " + (
+                "exact: reproduces the original eval function" if info["exact"] else
+                "changes the function: calibrate (--calib) or fine-tune to recover accuracy")))
+        for name in ("save", "report"):
+            if name in self.outputs:
+                parts.append(Text(f"{'saved conversion' if name == 'save' else 'report'}: {self.outputs[name]}"))
+        style = {0: "bold green", 3: "bold red", 4: "bold yellow"}.get(self.exit_code, "bold")
+        parts.append(Text(self.verdict.line, style=style))
+        parts.append(Text(self.timing_line(), style="dim"))
+        return Group(*parts)
+
+
+def run_conversion(
+    model: Any = None,
+    to: str = "fold",
+    *,
+    args: Mapping[str, Any] | None = None,
+    weights: str | Path | None = None,
+    trust_pickle: bool = False,
+    strict: bool = True,
+    input_shape: Sequence[int] | None = None,
+    samples: Any = None,
+    groups: int | None = None,
+    exporter: str = "auto",
+    opset: int | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    keep_failed: bool = False,
+    calib: Any = None,
+    calib_samples: int | None = None,
+    calib_batch: int = DEFAULT_CALIB_BATCH,
+    recover_steps: int = 0,
+    recover_batch: int | None = None,
+    seed: int = 0,
+    lr: float = DEFAULT_LR,
+    onnx: str | Path | None = None,
+    save: str | Path | None = None,
+    report: str | Path | None = None,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Run every stage of one conversion (module docstring) and return its :class:`ConversionResult`.
+
+    ``model``: an ``nn.Module`` (never mutated), a MODEL spec (``pkg.mod:fn`` / ``file.py:fn`` / a pickled
+    file with ``trust_pickle``) with ``args``/``weights``, or None for the bundled digits ResNet.
+    ``samples``: extra parity inputs (a tensor, or a tensor file). ``calib``: calibration data for a
+    swap (see :func:`normswap.calibration_batches`), with ``recover_steps`` of distillation after it.
+    ``onnx``/``save``/``report``: outputs, checked before any work and written at the end.
+    """
+    import torch
+
+    from normswap import validate
+    from normswap.errors import InputError
+
+    progress = progress or NullProgress()
+    onnx, save, report = (None if p is None else Path(p) for p in (onnx, save, report))
+    # -- validate: nothing below may fail on something the user could have been told up front
+    validate.options(atol=atol, rtol=rtol, groups=groups, calib_samples=calib_samples, calib_batch=calib_batch,
+                     recover_steps=recover_steps, recover_batch=recover_batch, lr=lr)
+    if recover_steps and calib is None:
+        raise InputError("--recover-steps needs calibration data: add --calib DATA (e.g. --calib digits)")
+    if calib is not None and to == "fold":
+        raise InputError("--calib applies to swap targets; 'fold' is exact and has nothing to calibrate")
+    plot = drift_plot_path(report, save) if calib is not None else None
+    validate.output_paths(
+        {"--onnx": onnx, "--report": report, "--report's drift plot": plot if report is not None else None, "--save": save},
+        {"--weights": weights, "--samples": samples if isinstance(samples, (str, Path)) else None,
+         "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model)},
+        directories=("--save",),
+    )
+    seconds: dict[str, float] = {}
+
+    with progress.stage("load", detail=str(model) if isinstance(model, str) else "") as _:
+        t = time.perf_counter()
+        loaded = load_stage(model, args=args, weights=weights, trust_pickle=trust_pickle, strict=strict)
+        seconds["load"] = time.perf_counter() - t
+    for n in loaded.notes:
+        progress.note(n)
+    if input_shape is not None:
+        shape, shape_src = tuple(int(d) for d in input_shape), "--input-shape"
+    elif loaded.input_shape:
+        shape, shape_src = tuple(loaded.input_shape), "the model's default"
+    else:
+        shape, shape_src = DEFAULT_INPUT_SHAPE, "default (pass --input-shape to change)"
+    validate.input_size(shape)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    extra = samples
+    if isinstance(samples, (str, Path)):
+        from normswap.load import load_tensor_file
+
+        extra = load_tensor_file(samples)
+
+    from normswap.convert import rewrite
+
+    with progress.stage("rewrite", detail=f"--to {to}"):
+        t = time.perf_counter()
+        # verify=False: the parity stage checks every exact rewrite at batches 1 and 3 (noise floor
+        # included) and, unlike an exception here, still lets the report and --keep-failed happen
+        source = None if not isinstance(model, (str, type(None))) else {"spec": loaded.spec, "args": loaded.args, "weights": loaded.weights}
+        conv = rewrite(loaded.model, to, (x,), groups=groups, atol=atol, rtol=rtol, verify=False, source=source)
+        seconds["rewrite"] = time.perf_counter() - t
+
+    kept = None
+    if calib is not None:
+        from normswap.data import calibration_batches
+        from normswap.recover import keep_function
+
+        data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model)
+        heldout, hname = heldout_for(model, loaded)
+        # keep_function draws its own "calibrate" and "recover" stages (the latter per step) on ``progress``
+        kept = keep_function(loaded.model, conv, data, heldout=heldout, heldout_name=hname, recover_steps=recover_steps,
+                             recover_batch=recover_batch, seed=seed, lr=lr, progress=progress, plot=None)
+        seconds.update(kept.seconds)
+
+    with ExitStack() as stack:
+        exported, onnx_tmp = None, None
+        if onnx is not None:
+            from normswap.atomic import staging_dir
+            from normswap.export import export_onnx
+
+            tmp = stack.enter_context(staging_dir(onnx))
+            onnx_tmp = tmp / onnx.name
+            with progress.stage("export"):
+                t = time.perf_counter()
+                # the parity stage runs every pair at batches 1 and 3: no need for the exporter's own check
+                exported = export_onnx(conv.model, (x,), onnx_tmp, exporter=exporter, opset=opset, verify=False)
+                seconds["export"] = time.perf_counter() - t
+
+        parity = None
+        if conv.exact or onnx_tmp is not None:
+            with progress.stage("parity"):
+                t = time.perf_counter()
+                parity = _parity(loaded.model, conv, onnx_tmp, shape, extra, atol, rtol)
+                seconds["parity"] = time.perf_counter() - t
+
+        drift = bi = None
+        if to != "fold":
+            from normswap.checks import batch_independence
+
+            with progress.stage("measure", detail="drift, batch independence"):
+                t = time.perf_counter()
+                if kept is None:  # after calibration the held-out agreement says more than random inputs
+                    drift = _drift(loaded.model, conv.model, shape, extra, parity)
+                bi = {"original": batch_independence(loaded.model, shape).to_dict(),
+                      "rewritten": batch_independence(conv.model, shape).to_dict()}
+                seconds["measure"] = time.perf_counter() - t
+
+        verdict = decide(conv, parity, exported=exported is not None, kept=kept, drift=drift)
+        model_info = {"spec": loaded.spec or (BUNDLED_NAME if isinstance(model, (str, type(None))) else f"<{type(loaded.model).__name__} instance>"),
+                      "args": loaded.args, "weights": loaded.weights, "input_shape": list(shape), "input_shape_from": shape_src,
+                      "notes": loaded.notes}
+        result = ConversionResult(conversion=conv, model_info=model_info, verdict=verdict, parity=parity, export=exported,
+                                  kept=kept, drift=drift, batch_independence=bi, seconds=seconds)
+
+        # -- write: the ONNX only on a good verdict (or keep_failed), the rest always
+        t = time.perf_counter()
+        if exported is not None and (result or keep_failed):
+            exported.move_into(onnx.parent)
+            result.outputs["onnx"] = str(onnx)
+        elif exported is not None:
+            why = "nothing was compared" if verdict.word == "NOTHING COMPARED" else "parity failed"
+            result.notes.append(f"{why}: {onnx} was not written (pass --keep-failed to write it anyway)")
+    if save is not None:  # before the drift plot, which may go into the same (new) directory
+        from normswap.saved import save_conversion
+
+        save_conversion(conv, save)
+        result.outputs["save"] = str(save)
+    if kept is not None and plot is not None:
+        from normswap.recover import save_drift_plot
+
+        kept.plot = str(save_drift_plot(kept, plot))
+    if report is not None:
+        import json
+
+        from normswap.atomic import atomic_write_text
+
+        result.outputs["report"] = str(report)
+        atomic_write_text(report, json.dumps(result.to_dict(), indent=2, default=str))
+    seconds["write"] = time.perf_counter() - t
+    return result
+
+
+def _drift(original: Any, rewritten: Any, shape: Sequence[int], samples: Any, parity: Any = None) -> dict[str, Any]:
+    """How far the swap moved the outputs (informational, not a pass/fail). An exact target's parity
+    check already compared original and rewritten on these inputs: its numbers are reused."""
+    from normswap.parity import PAIR_ORIGINAL_REWRITTEN, check_parity
+
+    stats = [s for s in (parity.stats if parity is not None else []) if s.pair == PAIR_ORIGINAL_REWRITTEN]
+    if not stats:
+        stats = check_parity(original, rewritten, None, input_shape=shape, samples=samples).stats
+    top1 = [s.top1 for s in stats if s.top1 is not None]
+    rel = [s.max_rel for s in stats]
+    return {"max_rel": max(rel) if rel else float("nan"), "top1": min(top1) if top1 else None, "samples": samples is not None}
+
+
+def _parity(original: Any, conv: Any, onnx_path: Any, shape: Sequence[int], samples: Any, atol: float, rtol: float) -> Any:
+    """Exact rewrites: original ↔ rewritten (↔ onnxruntime), with the first diverging node on failure.
+    Function-changing swaps: rewritten ↔ onnxruntime (the function changed on purpose)."""
+    from normswap.parity import check_parity
+
+    if conv.exact:
+        res = check_parity(original, conv.model, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol)
+        if res.verdict == "failed":
+            res.divergence = conv.divergence(original, shape, atol=atol, rtol=rtol)
+        return res
+    res = check_parity(conv.model, None, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol,
+                       reference_name="rewritten")
+    res.notes.append(f"'{conv.to}' changes the model's function by design: parity checks the export only")
+    return res
+

@@ -1,0 +1,183 @@
+"""``run_recovery``: distil the original into a saved conversion, keep the better model, save it back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_LR
+from normswap.progress import NullProgress
+
+from .stages import heldout_for, load_stage, spec_file
+from .verdict import Verdict
+
+__all__ = ["RecoveryResult", "run_recovery"]
+
+
+@dataclass
+class RecoveryResult:
+    """A recovery run on a saved conversion: the report, held-out numbers before and after, and
+    whether the result was saved (a worse one is not, unless ``keep_last``)."""
+
+    to: str
+    recovery: Any
+    saved: str | None
+    before: float | None  # the measure that decides "better": held-out top-1 agreement when known,
+    after: float | None   # else top-1 agreement on the calibration data
+    measured_on: str
+    heldout: dict[str, Any] | None = None
+    checkpoints: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> Verdict:
+        if self.saved is None:
+            return Verdict("CONVERTED", f"recovery did not improve agreement on {self.measured_on} ({_f(self.before)} → {_f(self.after)}): "
+                                        "the saved conversion was kept (pass --keep-last to save it anyway)")
+        return Verdict("CONVERTED", f"function changed: top-1 agreement {_f(self.after)} on {self.measured_on} "
+                                    f"(was {_f(self.before)}); saved to {self.saved}")
+
+    def __bool__(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"saved": self.saved, "to": self.to, "recovery": self.recovery.to_dict(), "measured_on": self.measured_on,
+                "agreement_before": self.before, "agreement_after": self.after, "heldout": self.heldout,
+                "checkpoints": self.checkpoints, "notes": list(self.notes), "verdict": self.verdict.to_dict()}
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        parts: list[Any] = [self.recovery]
+        parts += [Text(f"note: {n}", style="yellow") for n in [*self.recovery.notes, *self.notes]]
+        if self.heldout is not None:
+            h = self.heldout
+            parts.append(Text(f"on {h['data']}: top-1 agreement {h['top1_agreement']:.4f}, accuracy {h['accuracy']:.4f} "
+                              f"(original {h['original_accuracy']:.4f})"))
+        parts.append(Text(self.verdict.line, style="bold green"))
+        return Group(*parts)
+
+
+def _f(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def run_recovery(
+    saved_dir: str | Path,
+    calib: Any,
+    *,
+    model: Any = None,
+    args: Mapping[str, Any] | None = None,
+    weights: Any = None,
+    trust_spec: bool = False,
+    trust_pickle: bool = False,
+    strict: bool = True,
+    steps: int = 200,
+    calib_samples: int | None = None,
+    calib_batch: int = DEFAULT_CALIB_BATCH,
+    recover_batch: int | None = None,
+    lr: float = DEFAULT_LR,
+    temperature: float | None = None,
+    feature_weight: float = 0.0,
+    seed: int = 0,
+    target_agreement: float | None = None,
+    augment: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = True,
+    keep_last: bool = False,
+    out: str | Path | None = None,
+    report: str | Path | None = None,
+    progress: Any = None,
+    write: bool = True,
+) -> RecoveryResult:
+    """Distil the original into a saved (swapped) conversion and save it back — only if top-1
+    agreement with the original improved (held-out data when normswap knows it, else the calibration
+    data), unless ``keep_last``. The original is ``model`` (a module or spec); without it, the bundled
+    model, or the spec the record names only with ``trust_spec`` (a saved directory is data)."""
+    from normswap import validate
+    from normswap.calibrate import accuracy, agreement
+    from normswap.data import calibration_batches
+    from normswap.defaults import DEFAULT_TEMPERATURE
+    from normswap.errors import InputError
+    from normswap.recover import recover
+    from normswap.saved import load_conversion, read_record, save_conversion, untrusted_spec_message, uses_bundled_model
+
+    saved_dir = Path(saved_dir)
+    progress = progress or NullProgress()
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    validate.options(steps=steps, calib_samples=calib_samples, calib_batch=calib_batch, recover_batch=recover_batch, lr=lr,
+                     temperature=temperature, feature_weight=feature_weight, checkpoint_every=checkpoint_every,
+                     target_agreement=target_agreement)
+    validate.output_paths(
+        {"--report": report, "--out": out, "--checkpoint-dir": checkpoint_dir},
+        {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model)},
+        directories=("--out", "--checkpoint-dir"),
+    )
+    rec = read_record(saved_dir)  # validated, weights hash checked; runs nothing
+    if rec["to"] == "fold":
+        raise InputError(f"{saved_dir} holds a 'fold' conversion, which is exact: there is nothing to recover")
+    src = rec["source"] or {}
+    with progress.stage("load"):
+        if model is not None:  # the user's model, with their weights or the recorded weights file
+            teacher = load_stage(model, args=args, weights=weights or (src.get("weights") if isinstance(model, str) else None),
+                                 trust_pickle=trust_pickle, strict=strict)
+        else:
+            if args:
+                raise InputError("--arg applies to MODEL; give the model too: normswap recover SAVED_DIR MODEL --arg ...")
+            if rec["source"] is None:
+                raise InputError(f"{saved_dir / 'conversion.json'} does not name its model; pass it: normswap recover {saved_dir} MODEL")
+            if not uses_bundled_model(rec) and not trust_spec:
+                raise InputError(untrusted_spec_message(saved_dir, rec))
+            from normswap.load import load_model
+
+            teacher = load_model(src.get("spec"), args=src.get("args") or {}, weights=weights or src.get("weights"),
+                                 trust_pickle=trust_pickle, strict=strict)
+        if getattr(teacher, "random_init", False):  # a fresh random model is not the one that was converted
+            raise InputError(
+                f"the original model for {saved_dir} builds random weights on every load, so it is not the model that was "
+                "converted; pass --weights FILE (the weights it was converted from) or the spec's pretrained argument")
+        conv = load_conversion(saved_dir, model=teacher.model)  # rewrites a copy: the teacher stays as it is
+    data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=teacher.model)
+    heldout, hname = heldout_for(model, teacher)
+    hx = heldout[0] if heldout is not None else None
+
+    def measure() -> float | None:
+        return agreement(teacher.model, conv.model, hx)["top1_agreement"] if hx is not None else None
+
+    before_state = {k: v.detach().clone() for k, v in conv.model.state_dict().items()}
+    before = measure()
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else saved_dir / "recover-checkpoints"
+    # with held-out data, recovery itself ends on its best evaluated step (unless keep_last)
+    rep = recover(teacher.model, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
+                  seed=seed, augment=augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every, resume=resume,
+                  target_agreement=target_agreement, progress=progress, batch_size=recover_batch,
+                  heldout=hx, keep_best=not keep_last)
+    after = measure()
+    where = hname or "the calibration data"
+    if hx is None:
+        before, after = rep.agreement_before.get("top1_agreement"), rep.agreement_after.get("top1_agreement")
+    worse = before is not None and after is not None and after < before
+    result = RecoveryResult(to=conv.to, recovery=rep, saved=None, before=before, after=after, measured_on=where, checkpoints=str(ckdir))
+    if worse and not keep_last:
+        conv.model.load_state_dict(before_state)
+        result.notes.append(f"recovery lowered top-1 agreement on {where} ({before:.4f} → {after:.4f}); the saved conversion "
+                            "was left as it was (--keep-last saves the last step anyway)")
+    elif write:
+        dest = Path(out) if out is not None else saved_dir
+        save_conversion(conv, dest)
+        result.saved = str(dest)
+    if heldout is not None:
+        x, y = heldout
+        result.heldout = {"data": hname, "top1_agreement": agreement(teacher.model, conv.model, x)["top1_agreement"],
+                          "accuracy": accuracy(conv.model, x, y), "original_accuracy": accuracy(teacher.model, x, y)}
+    if report is not None and write:
+        import json
+
+        from normswap.atomic import atomic_write_text
+
+        atomic_write_text(report, json.dumps(result.to_dict(), indent=2, default=str))
+    return result
+

@@ -1,0 +1,63 @@
+"""Stages shared by the jobs: loading a model or spec, the held-out data normswap knows, output names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["BUNDLED_NAME", "load_stage", "heldout_for", "drift_plot_path"]
+
+BUNDLED_NAME = "normswap.models.digits:digits_resnet (bundled)"
+
+
+def load_stage(model: Any, *, args: Mapping[str, Any] | None = None, weights: Any = None, trust_pickle: bool = False,
+               strict: bool = True) -> Any:
+    """A :class:`~normswap.load.LoadedModel` from a spec (None = the bundled model) or an nn.Module."""
+    from torch import nn
+
+    from normswap.load import LoadedModel, _input_shape, load_model
+
+    if isinstance(model, nn.Module):
+        if weights is not None:
+            raise _input_error("weights= applies to a model spec; load them into your module yourself")
+        return LoadedModel(model=model, spec=None, args={}, weights=None, input_shape=_input_shape(model),
+                           notes=[], **({"random_init": False} if "random_init" in LoadedModel.__dataclass_fields__ else {}))
+    return load_model(model, args=dict(args or {}), weights=weights, trust_pickle=trust_pickle, strict=strict)
+
+
+def _input_error(msg: str) -> Exception:
+    from normswap.errors import InputError
+
+    return InputError(msg)
+
+
+def _is_bundled(model: Any, loaded: Any) -> bool:
+    from normswap.load import DEFAULT_MODEL_SPEC
+
+    return isinstance(model, (str, type(None))) and loaded.spec in (None, DEFAULT_MODEL_SPEC) and loaded.weights is None
+
+
+def heldout_for(model: Any, loaded: Any) -> tuple[Any, str | None]:
+    """Labelled held-out data when normswap knows it (the bundled model: the digits test split)."""
+    if _is_bundled(model, loaded):
+        from normswap.models.digits import load_digits
+
+        return load_digits("test"), "the digits test split (held out)"
+    return None, None
+
+
+def drift_plot_path(report: Any, save: Any) -> Path | None:
+    """The drift plot goes next to the JSON report (``<report>.drift.png``), else into ``save``."""
+    if report is not None:
+        report = Path(report)
+        return report.with_name(report.stem + ".drift.png")
+    if save is not None:
+        return Path(save) / "drift.png"
+    return None
+
+
+def spec_file(model: Any) -> str | None:
+    from normswap import validate
+
+    return validate.spec_path(model) if isinstance(model, str) else None
+

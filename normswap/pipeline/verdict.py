@@ -1,0 +1,69 @@
+"""The verdict rules: one word per outcome, its exit code, and :func:`decide` (see the package docstring)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["EXIT_CODES", "Verdict", "check_verdict", "decide"]
+
+EXIT_CODES = {"PASSED": 0, "EXPORTED": 0, "CONVERTED": 0, "FAILED": 3, "NOTHING COMPARED": 4}
+
+
+@dataclass
+class Verdict:
+    """What happened, in one word (``word``), the sentence behind it and the exit code."""
+
+    word: str
+    detail: str
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.word]
+
+    @property
+    def line(self) -> str:
+        return f"{self.word} — {self.detail}" if self.detail else self.word
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"word": self.word, "detail": self.detail, "exit_code": self.exit_code}
+
+
+def _agreement_text(kept: Any, drift: Mapping[str, Any] | None) -> str:
+    """How far a function-changing swap moved the outputs, from the best measure available."""
+    if kept is not None and kept.stages:
+        last = kept.stages[-1]
+        a, r = last.agreement.get("top1_agreement"), last.agreement.get("rel_err")
+        how = {"naive": "naive swap", "calibrated": "calibrated", "recovered": "calibrated and recovered"}.get(last.stage, last.stage)
+        measure = f"top-1 agreement {a:.1%}" if a is not None else f"output rel err {r:.3g}"
+        return f"{measure} on {kept.evaluated_on} ({how})"
+    if drift is not None:
+        if drift.get("top1") is not None:
+            return f"top-1 agreement {drift['top1']:.0%} on random inputs (naive swap; calibrate with --calib)"
+        return f"max rel err {drift['max_rel']:.2g} on random inputs (naive swap; calibrate with --calib)"
+    return "not measured"
+
+
+def decide(conversion: Any, parity: Any, *, exported: bool, kept: Any = None, drift: Mapping[str, Any] | None = None) -> Verdict:
+    """The verdict rules of the module docstring."""
+    if parity is not None and parity.verdict == "failed":
+        what = "the rewritten model" if conversion.exact else "the ONNX export of the rewritten model"
+        return Verdict("FAILED", f"{what} does not compute what it must: {parity.summary()}")
+    if parity is not None and parity.nothing_compared:
+        return Verdict("NOTHING COMPARED", parity.summary())
+    if conversion.exact:
+        n = len(parity.stats) if parity is not None else 0
+        where = " and its ONNX" if exported else ""
+        return Verdict("PASSED", f"the rewritten model{where} {'compute' if exported else 'computes'} what the original did ({n} comparisons)")
+    change = f"function changed: {_agreement_text(kept, drift)}"
+    return Verdict("EXPORTED", f"ONNX matches the rewritten model; {change}") if exported else Verdict("CONVERTED", change)
+
+
+
+def check_verdict(parity: Any) -> Verdict:
+    """``normswap check``'s verdict: an ONNX file against the PyTorch model it must reproduce."""
+    if parity.verdict == "failed":
+        return Verdict("FAILED", f"the ONNX file does not compute what the model does: {parity.summary()}")
+    if parity.nothing_compared:
+        return Verdict("NOTHING COMPARED", parity.summary())
+    return Verdict("PASSED", f"the ONNX file computes what the model does ({len(parity.stats)} comparisons)")
