@@ -95,10 +95,19 @@ def targets_cmd() -> None:
     output does not depend on the rest of its batch, in training too."""
     rows = [(t.name, "yes" if t.exact else "no", "yes" if t.batch_independent else "no", t.summary)
             for t in norm_catalog().all_targets().values()]
-    header = ("name", "exact", "batch-independent", "summary")
+    import shutil
+    import textwrap
+
+    header = ("name", "exact", "batch-indep.", "summary")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    lead = sum(widths) + 2 * 3
+    # the summary wraps under itself at the terminal's width (80 when piped), so no cell is cut
+    room = max(30, shutil.get_terminal_size((80, 24)).columns - lead)
     for r in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+        lines = textwrap.wrap(r[3], room) or [""]
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + lines[0])
+        for more in lines[1:]:
+            print(" " * lead + more)
 
 
 def version_cmd() -> None:
