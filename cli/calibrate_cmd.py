@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_LR  # noqa: F401 - re-exported for the commands
 
 # ---- options ---------------------------------------------------------------------------------
 CalibOpt = Annotated[str | None, typer.Option(

@@ -4,7 +4,7 @@ the checks and the verdict are :func:`normswap.pipeline.run_check`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 

@@ -69,6 +69,7 @@ def convert(
     recover_batch: RecoverBatchOpt = None,
     seed: SeedOpt = 0,
     lr: LrOpt = DEFAULT_LR,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or bfloat16: convert and verify a half-precision copy (fold only; default: the model's own dtype).")] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -84,7 +85,7 @@ def convert(
         input_shape=None if input_shape_ is None else parse_shape(input_shape_), samples=samples, groups=groups,
         exporter=exporter, opset=opset, atol=atol, rtol=rtol, keep_failed=keep_failed, calib=calib,
         calib_samples=calib_samples, calib_batch=calib_batch, recover_steps=recover_steps, recover_batch=recover_batch,
-        seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out),
+        seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out), dtype=dtype,
     )
     if json_out:
         print_json(result.to_dict())

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from normswap.defaults import DEFAULT_ATOL, DEFAULT_INPUT_SHAPE, DEFAULT_RTOL
+from normswap.defaults import DEFAULT_ATOL, DEFAULT_RTOL
 from normswap.errors import InputError
 
-from .stages import load_stage
+from .stages import example_shape, load_stage
 from .verdict import Verdict, check_verdict
 
 __all__ = ["CheckResult", "run_check", "read_onnx_inputs"]
@@ -159,12 +159,7 @@ def run_check(
             f"--against {described if args else against} builds random weights on every load, so no export can match it; "
             "pass --weights FILE (the weights the ONNX was exported from) or the spec's pretrained argument"
         )
-    if input_shape is not None:
-        shape, shape_src = tuple(int(d) for d in input_shape), "--input-shape"
-    elif loaded.input_shape:
-        shape, shape_src = tuple(loaded.input_shape), "the model's default"
-    else:
-        shape, shape_src = DEFAULT_INPUT_SHAPE, "default (pass --input-shape to change)"
+    shape, shape_src = example_shape(loaded, input_shape)
     single = onnx_inputs[0][1] if len(onnx_inputs) == 1 else None
     if single and input_shape is None and loaded.input_shape is None and all(d is not None for d in single[1:]):
         shape, shape_src = (1, *(int(d) for d in single[1:])), "the ONNX file's input"  # type: ignore[arg-type]

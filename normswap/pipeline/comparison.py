@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_INPUT_SHAPE
+from normswap.defaults import DEFAULT_CALIB_BATCH
 from normswap.progress import NullProgress
 
-from .stages import heldout_for, load_stage, spec_file
+from .stages import example_shape, heldout_for, load_stage, spec_file
 
 __all__ = ["run_comparison"]
 
@@ -62,8 +62,7 @@ def run_comparison(
         loaded = load_stage(model, args=args, weights=weights, trust_pickle=trust_pickle, strict=strict)
     for n in loaded.notes:
         progress.note(n)
-    shape = tuple(int(d) for d in input_shape) if input_shape is not None else tuple(loaded.input_shape or DEFAULT_INPUT_SHAPE)
-    validate.input_size(shape)
+    shape, _ = example_shape(loaded, input_shape)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     data = heldout = hname = None
     if calib is not None:

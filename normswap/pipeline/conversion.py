@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from normswap.defaults import DEFAULT_ATOL, DEFAULT_CALIB_BATCH, DEFAULT_INPUT_SHAPE, DEFAULT_LR, DEFAULT_RTOL
+from normswap.defaults import DEFAULT_ATOL, DEFAULT_CALIB_BATCH, DEFAULT_LR, DEFAULT_RTOL
 from normswap.progress import NullProgress, Progress
 
-from .stages import BUNDLED_NAME, drift_plot_path, heldout_for, load_stage, spec_file
+from .stages import BUNDLED_NAME, drift_plot_path, example_shape, heldout_for, load_stage, spec_file
 from .verdict import Verdict, decide
 
 __all__ = ["ConversionResult", "run_conversion"]
@@ -138,6 +138,7 @@ def run_conversion(
     save: str | Path | None = None,
     report: str | Path | None = None,
     progress: Progress | None = None,
+    dtype: Any = None,
 ) -> ConversionResult:
     """Run every stage of one conversion (module docstring) and return its :class:`ConversionResult`.
 
@@ -146,6 +147,10 @@ def run_conversion(
     ``samples``: extra parity inputs (a tensor, or a tensor file). ``calib``: calibration data for a
     swap (see :func:`normswap.calibration_batches`), with ``recover_steps`` of distillation after it.
     ``onnx``/``save``/``report``: outputs, checked before any work and written at the end.
+    ``dtype``: ``"float16"``/``"bfloat16"`` (or the torch dtype) runs the conversion in half precision on a
+    cast *copy* of the model, with inputs in that dtype and tolerances from :func:`half_tolerances`
+    (stated in the report); default: the model's own parameter dtype when it is already half (fold only).
+    bfloat16 cannot be combined with ``onnx`` (onnxruntime CPU lacks bfloat16 kernels).
     """
     import torch
 
@@ -161,6 +166,13 @@ def run_conversion(
         raise InputError("--recover-steps needs calibration data: add --calib DATA (e.g. --calib digits)")
     if calib is not None and to == "fold":
         raise InputError("--calib applies to swap targets; 'fold' is exact and has nothing to calibrate")
+    half = _parse_dtype(dtype)
+    if half is not None and to != "fold":
+        raise InputError(f"--dtype {_dtype_name(half)} applies to --to fold only (swap targets run in float32)")
+    if half is not None and calib is not None:
+        raise InputError("--dtype applies to --to fold only; --calib is for swap targets")
+    if half == torch.bfloat16 and onnx is not None:
+        raise InputError(_BF16_ONNX)
     plot = drift_plot_path(report, save) if calib is not None else None
     validate.output_paths(
         {"--onnx": onnx, "--report": report, "--report's drift plot": plot if report is not None else None, "--save": save},
@@ -174,21 +186,34 @@ def run_conversion(
         t = time.perf_counter()
         loaded = load_stage(model, args=args, weights=weights, trust_pickle=trust_pickle, strict=strict)
         seconds["load"] = time.perf_counter() - t
+    original = loaded.model
+    if half is None and to == "fold" and dtype is None:
+        own = _model_dtype(original)
+        half = own if own in HALF_DTYPES else None
+        if half == torch.bfloat16 and onnx is not None:
+            raise InputError(_BF16_ONNX)
+    if half is not None:
+        import copy
+
+        original = copy.deepcopy(original).to(half)  # a copy: the caller's (loaded) model is never cast
+        atol, rtol = half_tolerances(atol, rtol, half)
+        loaded.notes.append(
+            f"dtype {_dtype_name(half)}: a cast copy of the model and inputs in {_dtype_name(half)}; tolerances "
+            f"atol={atol:.3g} rtol={rtol:.3g} (float32's × √(ε_{_dtype_name(half)}/ε_float32) = "
+            f"×{_eps_factor(half):.1f}), plus the noise floor: the original's own {_dtype_name(half)} error vs its float64 copy")
     for n in loaded.notes:
         progress.note(n)
-    if input_shape is not None:
-        shape, shape_src = tuple(int(d) for d in input_shape), "--input-shape"
-    elif loaded.input_shape:
-        shape, shape_src = tuple(loaded.input_shape), "the model's default"
-    else:
-        shape, shape_src = DEFAULT_INPUT_SHAPE, "default (pass --input-shape to change)"
-    validate.input_size(shape)
+    shape, shape_src = example_shape(loaded, input_shape)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if half is not None:
+        x = x.to(half)
     extra = samples
     if isinstance(samples, (str, Path)):
         from normswap.load import load_tensor_file
 
         extra = load_tensor_file(samples)
+    if half is not None and extra is not None:
+        extra = _cast_floats(extra, half)
 
     from normswap.convert import rewrite
 
@@ -197,7 +222,7 @@ def run_conversion(
         # verify=False: the parity stage checks every exact rewrite at batches 1 and 3 (noise floor
         # included) and, unlike an exception here, still lets the report and --keep-failed happen
         source = None if not isinstance(model, (str, type(None))) else {"spec": loaded.spec, "args": loaded.args, "weights": loaded.weights}
-        conv = rewrite(loaded.model, to, (x,), groups=groups, atol=atol, rtol=rtol, verify=False, source=source)
+        conv = rewrite(original, to, (x,), groups=groups, atol=atol, rtol=rtol, verify=False, source=source)
         seconds["rewrite"] = time.perf_counter() - t
 
     kept = None
@@ -230,7 +255,7 @@ def run_conversion(
         if conv.exact or onnx_tmp is not None:
             with progress.stage("parity"):
                 t = time.perf_counter()
-                parity = _parity(loaded.model, conv, onnx_tmp, shape, extra, atol, rtol)
+                parity = _parity(original, conv, onnx_tmp, shape, extra, atol, rtol, dtype=half)
                 seconds["parity"] = time.perf_counter() - t
 
         drift = bi = None
@@ -248,7 +273,8 @@ def run_conversion(
         verdict = decide(conv, parity, exported=exported is not None, kept=kept, drift=drift)
         model_info = {"spec": loaded.spec or (BUNDLED_NAME if isinstance(model, (str, type(None))) else f"<{type(loaded.model).__name__} instance>"),
                       "args": loaded.args, "weights": loaded.weights, "input_shape": list(shape), "input_shape_from": shape_src,
-                      "notes": loaded.notes}
+                      "notes": loaded.notes, "dtype": _dtype_name(half) if half is not None else _dtype_name(_model_dtype(original)),
+                      "tolerances": {"atol": atol, "rtol": rtol}}
         result = ConversionResult(conversion=conv, model_info=model_info, verdict=verdict, parity=parity, export=exported,
                                   kept=kept, drift=drift, batch_independence=bi, seconds=seconds)
 
@@ -293,14 +319,16 @@ def _drift(original: Any, rewritten: Any, shape: Sequence[int], samples: Any, pa
     return {"max_rel": max(rel) if rel else float("nan"), "top1": min(top1) if top1 else None, "samples": samples is not None}
 
 
-def _parity(original: Any, conv: Any, onnx_path: Any, shape: Sequence[int], samples: Any, atol: float, rtol: float) -> Any:
+def _parity(original: Any, conv: Any, onnx_path: Any, shape: Sequence[int], samples: Any, atol: float, rtol: float,
+            dtype: Any = None) -> Any:
     """Exact rewrites: original ↔ rewritten (↔ onnxruntime), with the first diverging node on failure.
     Function-changing swaps: rewritten ↔ onnxruntime (the function changed on purpose)."""
     from normswap.parity import check_parity
 
     if conv.exact:
-        res = check_parity(original, conv.model, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol)
-        if res.verdict == "failed":
+        res = check_parity(original, conv.model, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol,
+                           input_dtype=dtype)
+        if res.verdict == "failed" and dtype is None:  # divergence draws float32 inputs
             res.divergence = conv.divergence(original, shape, atol=atol, rtol=rtol)
         return res
     res = check_parity(conv.model, None, onnx_path, input_shape=shape, samples=samples, atol=atol, rtol=rtol,
@@ -308,3 +336,90 @@ def _parity(original: Any, conv: Any, onnx_path: Any, shape: Sequence[int], samp
     res.notes.append(f"'{conv.to}' changes the model's function by design: parity checks the export only")
     return res
 
+
+
+# -- half precision ---------------------------------------------------------------------------
+
+_BF16_ONNX = ("--dtype bfloat16 cannot be exported: onnxruntime CPU lacks bfloat16 kernels for Conv/Gemm/most ops, "
+              "so the ONNX could not be verified; drop --onnx, or use --dtype float16")
+
+
+def _half_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class _HalfDtypes:
+    def __contains__(self, d: Any) -> bool:
+        return d in set(_half_dtypes().values())
+
+
+HALF_DTYPES = _HalfDtypes()
+
+
+def _parse_dtype(dtype: Any) -> Any:
+    """None, or torch.float16 / torch.bfloat16 (from a name or a torch dtype); float32 means None."""
+    import torch
+
+    from normswap.errors import InputError
+
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        d = dtype
+    else:
+        name = str(dtype).lower().removeprefix("torch.")
+        if name in ("float32", "fp32", "float"):
+            return None
+        d = _half_dtypes().get(name)
+        if d is None:
+            raise InputError(f"--dtype {dtype} is not supported; pass float16 or bfloat16 (or omit it for float32)")
+    if d == torch.float32:
+        return None
+    if d not in HALF_DTYPES:
+        raise InputError(f"--dtype {dtype} is not supported; pass float16 or bfloat16 (or omit it for float32)")
+    return d
+
+
+def _dtype_name(d: Any) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _model_dtype(model: Any) -> Any:
+    """The dtype of the model's first floating parameter (or buffer); None if it has none."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _eps_factor(dtype: Any) -> float:
+    import torch
+
+    return (torch.finfo(dtype).eps / torch.finfo(torch.float32).eps) ** 0.5
+
+
+def half_tolerances(atol: float, rtol: float, dtype: Any) -> tuple[float, float]:
+    """The parity tolerances for a half-precision run: the float32 ones times √(ε_dtype / ε_float32).
+
+    float16: ×√8192 ≈ 90.5 (defaults → atol 9.1e-4, rtol 9.1e-3 ≈ 9 float16 ulps of the output scale);
+    bfloat16: ×√65536 = 256 (defaults → atol 2.6e-3, rtol 2.6e-2 ≈ 3 bfloat16 ulps).
+    Why not linear in ε: the float32 defaults allow ~840 float32 ulps, which at float16 would be the
+    whole precision (rtol 0.8) and judge nothing. The tolerance is only the first bar: an output that
+    misses it still passes when within the noise-floor rule (:mod:`normswap.parity.rule`), i.e. no
+    worse than 4× the original's own half-precision error against its float64 copy on the same inputs.
+    Applies to user-given ``atol``/``rtol`` too (they are read as float32 tolerances)."""
+    f = _eps_factor(dtype)
+    return atol * f, rtol * f
+
+
+def _cast_floats(x: Any, dtype: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast_floats(v, dtype) for v in x)
+    return x

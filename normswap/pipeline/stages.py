@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["BUNDLED_NAME", "load_stage", "heldout_for", "drift_plot_path"]
+__all__ = ["BUNDLED_NAME", "load_stage", "example_shape", "heldout_for", "drift_plot_path"]
 
 BUNDLED_NAME = "normswap.models.digits:digits_resnet (bundled)"
 
@@ -61,3 +61,18 @@ def spec_file(model: Any) -> str | None:
 
     return validate.spec_path(model) if isinstance(model, str) else None
 
+
+def example_shape(loaded: Any, given: Any = None) -> tuple[tuple[int, ...], str]:
+    """The example input shape and where it came from: the caller's, else the model's own
+    (``normswap_input_shape`` / timm's config), else the default — checked to be allocatable."""
+    from normswap import validate
+    from normswap.defaults import DEFAULT_INPUT_SHAPE
+
+    if given is not None:
+        shape, src = tuple(int(d) for d in given), "--input-shape"
+    elif loaded.input_shape:
+        shape, src = tuple(loaded.input_shape), "the model's default"
+    else:
+        shape, src = tuple(DEFAULT_INPUT_SHAPE), "default (pass --input-shape to change)"
+    validate.input_size(shape)
+    return shape, src
