@@ -48,6 +48,7 @@ FOLD_ACTIONS = {
     "into-producer-copy": "folded into a copy of the preceding layer (its output also feeds other nodes)",
     "into-consumer": "folded forward into the following layer's weights",
     "affine": "replaced by a per-channel scale-and-shift",
+    "ws-baked": "weight-standardized convolution replaced by a plain one holding the standardized weights",
     "refuse": "left unchanged",
 }
 

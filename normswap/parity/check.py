@@ -35,6 +35,7 @@ def check_parity(
     ort_threads: int | None = None,
     ort_optimization: str = "all",
     reference_name: str = "original",
+    input_dtype: Any = None,
 ) -> ParityResult:
     """Compare ``rewritten`` and the ONNX file against ``original`` (and ONNX against ``rewritten``).
 
@@ -43,7 +44,8 @@ def check_parity(
 
     Inputs: ``inputs`` as ``[(label, (x, ...)), ...]``, else seeded random tensors of
     ``input_shape`` at each of ``batch_sizes``; ``samples`` (a user tensor ``[N, ...]`` or a tuple
-    of them) is one more batch labelled "samples". Models run in eval mode under no_grad; their
+    of them) is one more batch labelled "samples". ``input_dtype`` (e.g. ``torch.float16``): the generated
+    inputs are drawn in float32 and cast to it (same values as a float32 run, rounded). Models run in eval mode under no_grad; their
     training flags are restored afterwards and inputs are cloned per run, so nothing the caller
     owns is modified. A failure of the original is an :class:`InputError`; a failure of the
     rewritten model or of onnxruntime is recorded as a failed comparison with a note.
@@ -53,7 +55,10 @@ def check_parity(
     if inputs is not None:
         batches.extend((label, _as_tuple(xs)) for label, xs in inputs)
     elif input_shape is not None:
-        batches.extend(make_inputs(input_shape, batch_sizes=batch_sizes, seed=seed))
+        generated = make_inputs(input_shape, batch_sizes=batch_sizes, seed=seed)
+        if input_dtype is not None:
+            generated = [(b, tuple(x.to(input_dtype) if x.is_floating_point() else x for x in xs)) for b, xs in generated]
+        batches.extend(generated)
     if samples is not None:
         batches.append(("samples", _as_tuple(samples)))
     if not batches:
