@@ -142,3 +142,12 @@ def test_recovery_ends_on_its_best_held_out_step():
     assert final == max(a for _, a in rep.heldout_evals) >= start
     if rep.best_step != 6:
         assert "kept the weights of step" in rep.notes[-1]
+
+
+def test_gn_ws_sites_without_a_conv_are_counted_in_the_summary_line():
+    result = run_conversion(None, "gn-ws")
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(result)
+    first = buf.getvalue().splitlines()[0]
+    # the digits head's BatchNorm1d follows a Linear: GN there, without weight standardization
+    assert "1 of them got GN without weight standardization" in first, first

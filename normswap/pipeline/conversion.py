@@ -73,7 +73,12 @@ class ConversionResult:
         conv = self.conversion
         rows = [a.to_dict() for a in conv.actions]
         counts = ", ".join(f"{n} {k}" for k, n in conv.summary().items())
-        parts: list[Any] = [Text(f"normswap convert --to {conv.to}: {len(rows)} norm site(s): {counts}")]
+        head = f"normswap convert --to {conv.to}: {len(rows)} norm site(s): {counts}"
+        if conv.to == "gn-ws":  # said here, not only per site: these sites are plain GN, as --to gn would give
+            plain_gn = sum(any("GN without weight standardization" in n for n in (r.get("notes") or [])) for r in rows)
+            if plain_gn:
+                head += f"; {plain_gn} of them got GN without weight standardization (no plain conv feeds only that BN)"
+        parts: list[Any] = [Text(head)]
         plain = {"into-producer"} if conv.to == "fold" else set()
         special = [r for r in rows if r["action"] not in plain or r.get("notes")]
         if special:
