@@ -15,20 +15,15 @@ def load_stage(model: Any, *, args: Mapping[str, Any] | None = None, weights: An
     """A :class:`~normswap.load.LoadedModel` from a spec (None = the bundled model) or an nn.Module."""
     from torch import nn
 
+    from normswap.errors import InputError
     from normswap.load import LoadedModel, _input_shape, load_model
 
-    if isinstance(model, nn.Module):
+    if isinstance(model, nn.Module):  # the caller's module: used as it is (every pass works on a copy)
         if weights is not None:
-            raise _input_error("weights= applies to a model spec; load them into your module yourself")
-        return LoadedModel(model=model, spec=None, args={}, weights=None, input_shape=_input_shape(model),
-                           notes=[], **({"random_init": False} if "random_init" in LoadedModel.__dataclass_fields__ else {}))
+            raise InputError("weights= applies to a model spec; load them into your module yourself")
+        return LoadedModel(model=model, spec=None, args={}, weights=None, input_shape=_input_shape(model), notes=[],
+                           random_init=False)
     return load_model(model, args=dict(args or {}), weights=weights, trust_pickle=trust_pickle, strict=strict)
-
-
-def _input_error(msg: str) -> Exception:
-    from normswap.errors import InputError
-
-    return InputError(msg)
 
 
 def _is_bundled(model: Any, loaded: Any) -> bool:
