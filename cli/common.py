@@ -12,8 +12,6 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-import normswap  # lazy: no torch until a command uses it
-from normswap.defaults import DEFAULT_INPUT_SHAPE
 from normswap.errors import InputError, NormswapError
 
 # Piped output (CI logs, files) gets a readable width instead of rich's 80-column fallback.
@@ -21,7 +19,8 @@ _WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "140"))
 console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH, soft_wrap=True)  # an error stays one line
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_PARITY, EXIT_NOTHING_COMPARED = 0, 1, 2, 3, 4
+# the error boundary's codes; the verdicts' codes (0, 3, 4) are normswap.pipeline.EXIT_CODES
+EXIT_INTERNAL, EXIT_BAD_INPUT = 1, 2
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,36 +57,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load(model: str | None, args: list[str], weights: str | None, trust_pickle: bool, no_strict: bool) -> normswap.LoadedModel:
-    from normswap.load import parse_kv_args
-
-    return normswap.load_model(model, args=parse_kv_args(args or []), weights=weights, trust_pickle=trust_pickle, strict=not no_strict)
-
-
-def input_shape(loaded: normswap.LoadedModel, given: str | None) -> tuple[tuple[int, ...], str]:
-    """The example input shape and where it came from."""
-    if given is not None:  # an empty --input-shape "" is an error, not "use the default"
-        return parse_shape(given), "--input-shape"
-    if loaded.input_shape:
-        return tuple(loaded.input_shape), "the model's default"
-    return DEFAULT_INPUT_SHAPE, "default (pass --input-shape to change)"
-
-
-def example_input(shape: tuple[int, ...], seed: int = 0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g)
-
-
-def load_samples(path: str | None):
-    if path is None:
-        return None
-    from normswap.load import load_tensor_file
-
-    return load_tensor_file(path)
-
-
 def validate_options(*, input_shape: str | None = None, **values: Any) -> None:
     """The numeric options (:func:`normswap.validate.options`) and ``--input-shape``, checked before
     any work (exit 2 naming the option)."""
@@ -105,13 +74,6 @@ def progress_for(json_out: bool) -> Any:
     if json_out or console.quiet or not console.is_terminal:
         return NullProgress()
     return RichProgress(err_console)
-
-
-def verdict_exit_code(parity: Any) -> int:
-    """The exit code of a parity verdict: passed 0, failed 3, nothing compared 4."""
-    if parity is None or parity:
-        return EXIT_OK
-    return EXIT_NOTHING_COMPARED if parity.nothing_compared else EXIT_PARITY
 
 
 def debug_enabled(flag: bool) -> bool:

@@ -11,7 +11,7 @@ from normswap.report import sites_table
 
 from .common import (
     ArgOpt, DebugOpt, JsonOpt, ModelArg, NoStrictOpt, ShapeOpt, TrustOpt, WeightsOpt,
-    console, example_input, guarded, input_shape, load, print_json, validate_options,
+    console, guarded, parse_shape, print_json, validate_options,
 )
 
 
@@ -29,12 +29,12 @@ def inspect(
     debug: DebugOpt = False,
 ) -> None:
     """List every norm site: name, type, producer, what --to would do there, or why not."""
-    from normswap import validate
+    from normswap.load import parse_kv_args
+    from normswap.pipeline import example_input, example_shape, load_stage
 
     validate_options(groups=groups, input_shape=input_shape_)
-    loaded = load(model, arg, weights, trust_pickle, no_strict)
-    shape, src = input_shape(loaded, input_shape_)
-    validate.input_size(shape, batch_sizes=(1,))
+    loaded = load_stage(model, args=parse_kv_args(arg or []), weights=weights, trust_pickle=trust_pickle, strict=not no_strict)
+    shape, src = example_shape(loaded, None if input_shape_ is None else parse_shape(input_shape_), batch_sizes=(1,))
     rows = normswap.inspect(loaded.model, (example_input(shape),), to=to, groups=groups)
     if json_out:
         print_json({"model": loaded.spec, "input_shape": list(shape), "to": to, "sites": rows})

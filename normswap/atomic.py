@@ -5,7 +5,7 @@ partial write; on any failure (including ``KeyboardInterrupt``) the temporary is
 the destination is left as it was.
 
 A process killed outright (SIGKILL, power loss) cannot clean up, so every temporary is named
-``.NAME.normswap-PID-XXXX.tmp`` (or ``.tmpdir``): the next :func:`atomic_path` / :func:`staging_dir`
+``.NAME.normswap-<pid>-<random>.tmp`` (or ``.tmpdir``): the next :func:`atomic_path` / :func:`staging_dir`
 for the same destination removes the leftovers of writers that are no longer running.
 
     with atomic_path("report.json") as tmp:      # tmp is in the same folder as report.json

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, validate
 from .capture import trace
 from .errors import InputError, ParityError, RewriteError, first_line
 from .passes import PassResult
@@ -159,8 +159,7 @@ def rewrite(
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_tolerances(atol, rtol)
-    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
-        raise InputError(f"--groups {groups} is not a positive integer; pass e.g. --groups 32 (or omit it)")
+    validate.positive_int("--groups", groups)
     inputs = _as_inputs(example_inputs)
     options = {"groups": groups} if to != "fold" and groups is not None else {}
     # one eval run of the original (flags restored, no grad: nothing of the caller's changes): bad

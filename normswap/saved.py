@@ -274,7 +274,8 @@ def untrusted_spec_message(directory: str | os.PathLike[str], rec: dict[str, Any
 
 
 def load_conversion(
-    directory: str | os.PathLike[str], model: nn.Module | None = None, *, trust_spec: bool = False
+    directory: str | os.PathLike[str], model: nn.Module | None = None, *, trust_spec: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> Conversion:
     """Rebuild a saved conversion: ``model`` is rewritten with the recorded options (on a copy),
     then the saved weights are loaded strictly.
@@ -282,14 +283,15 @@ def load_conversion(
     Without ``model`` the architecture is the bundled digits model when the record says so;
     a record naming another model (``source.spec``) is imported and called only with
     ``trust_spec=True`` — otherwise :class:`InputError`. The record is validated and the weights
-    must match its sha256."""
+    must match its sha256. ``record``: what :func:`read_record` just returned for ``directory`` (the
+    caller already validated and hashed it: not done twice)."""
     import torch
     from safetensors.torch import load_model
 
     from .convert import rewrite
 
     d = Path(directory)
-    rec = read_record(d)
+    rec = read_record(d) if record is None else record
     src = rec["source"]
     if model is None:
         if src is None:

@@ -34,7 +34,7 @@ def test_verdict_rules_are_one_table():
     assert decide(EXACT, _parity(empty=True), exported=False).word == "NOTHING COMPARED"
     drift = {"max_rel": 0.66, "top1": 1 / 3}
     exported = decide(SWAP, _parity(), exported=True, drift=drift)
-    assert exported.word == "EXPORTED" and "function changed: top-1 agreement 33%" in exported.detail
+    assert exported.word == "EXPORTED" and "function changed: top-1 agreement 33.3%, output rel err 0.66" in exported.detail
     assert "calibrate with --calib" in exported.detail
     assert decide(SWAP, None, exported=False, drift=drift).word == "CONVERTED"
     assert decide(SWAP, _parity(ok=False), exported=True, drift=drift).word == "FAILED"  # a broken export

@@ -40,10 +40,10 @@ from .check import CheckResult, run_check
 from .comparison import run_comparison
 from .conversion import ConversionResult, run_conversion
 from .recovery import RecoveryResult, run_recovery
-from .stages import BUNDLED_NAME, drift_plot_path, example_shape, heldout_for, load_stage
+from .stages import BUNDLED_NAME, drift_plot_path, example_input, example_shape, heldout_for, load_stage
 from .verdict import EXIT_CODES, Verdict, decide
 
 __all__ = [
     "BUNDLED_NAME", "CheckResult", "ConversionResult", "EXIT_CODES", "RecoveryResult", "Verdict", "decide",
-    "drift_plot_path", "example_shape", "heldout_for", "load_stage", "run_check", "run_comparison", "run_conversion", "run_recovery",
+    "drift_plot_path", "example_input", "example_shape", "heldout_for", "load_stage", "run_check", "run_comparison", "run_conversion", "run_recovery",
 ]

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from normswap.defaults import DEFAULT_CALIB_BATCH
 from normswap.progress import NullProgress
 
-from .stages import example_shape, heldout_for, load_stage, spec_file
+from .stages import example_input, example_shape, heldout_for, load_stage, spec_file
 
 __all__ = ["run_comparison"]
 
@@ -40,8 +40,6 @@ def run_comparison(
     the same validate → load stages as :func:`run_conversion`, calibration data and held-out data
     chosen the same way, the report written last. ``batch_sizes`` / ``batch_samples``: the batch-size
     sweep (passed through); ``plot``: its PNG, written with the report."""
-    import torch
-
     from normswap import validate
     from normswap.compare import batch_sizes_from, compare_targets
     from normswap.errors import InputError
@@ -63,7 +61,7 @@ def run_comparison(
     for n in loaded.notes:
         progress.note(n)
     shape, _ = example_shape(loaded, input_shape)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(shape)
     data = heldout = hname = None
     if calib is not None:
         from normswap.data import calibration_batches

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from normswap.defaults import DEFAULT_ATOL, DEFAULT_CALIB_BATCH, DEFAULT_LR, DEFAULT_RTOL
 from normswap.progress import NullProgress, Progress
 
-from .stages import BUNDLED_NAME, drift_plot_path, example_shape, heldout_for, load_stage, spec_file
+from .stages import BUNDLED_NAME, drift_plot_path, example_input, example_shape, heldout_for, load_stage, spec_file
 from .verdict import Verdict, decide
 
 __all__ = ["ConversionResult", "run_conversion"]
@@ -209,9 +209,7 @@ def run_conversion(
     for n in loaded.notes:
         progress.note(n)
     shape, shape_src = example_shape(loaded, input_shape)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    if half is not None:
-        x = x.to(half)
+    x = example_input(shape, half)
     extra = samples
     if isinstance(samples, (str, Path)):
         from normswap.load import load_tensor_file

@@ -139,7 +139,7 @@ def run_recovery(
             raise InputError(
                 f"the original model for {saved_dir} builds random weights on every load, so it is not the model that was "
                 "converted; pass --weights FILE (the weights it was converted from) or the spec's pretrained argument")
-        conv = load_conversion(saved_dir, model=teacher.model)  # rewrites a copy: the teacher stays as it is
+        conv = load_conversion(saved_dir, model=teacher.model, record=rec)  # rewrites a copy: the teacher stays as it is
     data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=teacher.model)
     heldout, hname = heldout_for(model, teacher)
     hx = heldout[0] if heldout is not None else None

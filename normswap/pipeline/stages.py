@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["BUNDLED_NAME", "load_stage", "example_shape", "heldout_for", "drift_plot_path"]
+__all__ = ["BUNDLED_NAME", "load_stage", "example_shape", "example_input", "heldout_for", "drift_plot_path"]
 
 BUNDLED_NAME = "normswap.models.digits:digits_resnet (bundled)"
 
@@ -57,9 +57,10 @@ def spec_file(model: Any) -> str | None:
     return validate.spec_path(model) if isinstance(model, str) else None
 
 
-def example_shape(loaded: Any, given: Any = None) -> tuple[tuple[int, ...], str]:
+def example_shape(loaded: Any, given: Any = None, *, batch_sizes: tuple[int, ...] = (1, 3)) -> tuple[tuple[int, ...], str]:
     """The example input shape and where it came from: the caller's, else the model's own
-    (``normswap_input_shape`` / timm's config), else the default — checked to be allocatable."""
+    (``normswap_input_shape`` / timm's config), else the default — checked to be allocatable at the
+    largest of ``batch_sizes`` (the parity batches by default)."""
     from normswap import validate
     from normswap.defaults import DEFAULT_INPUT_SHAPE
 
@@ -69,5 +70,13 @@ def example_shape(loaded: Any, given: Any = None) -> tuple[tuple[int, ...], str]
         shape, src = tuple(loaded.input_shape), "the model's default"
     else:
         shape, src = tuple(DEFAULT_INPUT_SHAPE), "default (pass --input-shape to change)"
-    validate.input_size(shape)
+    validate.input_size(shape, batch_sizes=batch_sizes)
     return shape, src
+
+
+def example_input(shape: tuple[int, ...], dtype: Any = None) -> Any:
+    """The seeded example input every job traces and exports with (float32, then cast to ``dtype``)."""
+    import torch
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    return x if dtype is None else x.to(dtype)
