@@ -69,16 +69,14 @@ class RichProgress:
             cols += [BarColumn(bar_width=24), MofNCompleteColumn()]
         cols += [TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
         t0 = time.perf_counter()
-        ok = False
-        with Progress(*cols, console=self.console, transient=True) as p:
-            task = p.add_task(name, total=total, info=detail)
-            try:
+        mark = "[red]✗[/]"  # a stage that raised still gets its line, marked as failed
+        try:
+            with Progress(*cols, console=self.console, transient=True) as p:
+                task = p.add_task(name, total=total, info=detail)
                 yield _RichTask(p, task)
-                ok = True
-            finally:
-                pass
-        mark = "[green]✓[/]" if ok else "[red]✗[/]"
-        self.console.print(f"{mark} {name:<10} {time.perf_counter() - t0:6.2f}s  {detail}".rstrip(), highlight=False)
+            mark = "[green]✓[/]"
+        finally:
+            self.console.print(f"{mark} {name:<10} {time.perf_counter() - t0:6.2f}s  {detail}".rstrip(), highlight=False)
 
     def note(self, text: str) -> None:
         self.console.print(f"[yellow]![/] {text}", highlight=False)

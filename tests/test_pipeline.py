@@ -151,3 +151,12 @@ def test_gn_ws_sites_without_a_conv_are_counted_in_the_summary_line():
     first = buf.getvalue().splitlines()[0]
     # the digits head's BatchNorm1d follows a Linear: GN there, without weight standardization
     assert "1 of them got GN without weight standardization" in first, first
+
+
+def test_a_stage_that_raises_still_gets_its_line_marked_failed():
+    buf = io.StringIO()
+    progress = RichProgress(Console(file=buf, force_terminal=True, width=80))
+    with pytest.raises(ValueError):
+        with progress.stage("export"):
+            raise ValueError("boom")
+    assert any("✗" in ln and "export" in ln for ln in buf.getvalue().splitlines())
