@@ -157,10 +157,9 @@ def bake_ws_weight(weight: Tensor, eps: float, gain: Tensor | None = None, scale
     normswap's WSConv and timm's ``F.batch_norm(W.reshape(1, C_out, -1), training=True)`` compute),
     times ``gain·scale`` per output channel for timm's ScaledStdConv2d. Computed in float64, returned
     in ``weight``'s dtype."""
-    w = weight.detach().to(torch.float64)
-    dims = tuple(range(1, w.dim()))
-    var, mean = torch.var_mean(w, dim=dims, correction=0, keepdim=True)
-    w = (w - mean) * torch.rsqrt(var + float(eps))
+    from .norms.ws import standardize
+
+    w = standardize(weight.detach().to(torch.float64), float(eps))
     if gain is not None or scale is not None:
         g = torch.ones(w.shape[0], dtype=torch.float64) if gain is None else gain.detach().to(torch.float64).reshape(-1)
         w = w * (g * (1.0 if scale is None else float(scale))).reshape(-1, *([1] * (w.dim() - 1)))
@@ -197,19 +196,21 @@ def _baked_ws(m: nn.Module) -> tuple[nn.Module, list[str]]:
     computes, with notes for the report."""
     w = m.weight
     notes: list[str] = []
-    if ws_kind(m) == "normswap":
-        plain_type, padding_mode = m._plain, m.padding_mode
-        baked = bake_ws_weight(w, m.eps)
-    else:  # timm: F.conv2d with self.padding, padding_mode ignored (always zeros)
-        plain_type, padding_mode = nn.Conv2d, "zeros"
-        gain = getattr(m, "gain", None)
-        scale = getattr(m, "scale", None) if gain is not None else None
-        baked = bake_ws_weight(w, m.eps, gain, scale)
-        if gain is not None:
-            notes.append("gain·scale (ScaledStdConv2d) baked in")
-    conv = plain_type(
+    if ws_kind(m) == "normswap":  # its own export form is exactly this bake
+        conv = m.export_form()
+        conv.weight.requires_grad_(w.requires_grad)
+        if m.bias is not None:
+            conv.bias.requires_grad_(m.bias.requires_grad)
+        return conv, notes
+    # timm: F.conv2d with self.padding, padding_mode ignored (always zeros)
+    gain = getattr(m, "gain", None)
+    scale = getattr(m, "scale", None) if gain is not None else None
+    baked = bake_ws_weight(w, m.eps, gain, scale)
+    if gain is not None:
+        notes.append("gain·scale (ScaledStdConv2d) baked in")
+    conv = nn.Conv2d(
         m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-        groups=m.groups, bias=m.bias is not None, padding_mode=padding_mode, device=w.device, dtype=w.dtype,
+        groups=m.groups, bias=m.bias is not None, device=w.device, dtype=w.dtype,
     )
     with torch.no_grad():
         conv.weight = nn.Parameter(baked, requires_grad=w.requires_grad)
