@@ -19,7 +19,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import first_line
 from .norms.registry import site_kind
 
-__all__ = ["TracedPart", "Capture", "NormTracer", "capture", "propagate_shapes", "is_norm_module", "trace", "first_line"]
+__all__ = ["TracedPart", "Capture", "NormTracer", "capture", "propagate_shapes", "is_norm_module", "trace", "first_line",
+           "is_dynamic_pad_layer"]
 
 # BatchNorm look-alikes that are not ``_BatchNorm`` subclasses; matched by class name so that
 # neither torchvision nor timm has to be imported.
@@ -36,15 +37,30 @@ def is_norm_module(m: nn.Module) -> bool:
     return mod.startswith(("normswap.norms.", "normswap.layers"))
 
 
+# timm layers whose forward pads dynamically from the input's size (``timm.layers.padding.pad_same``):
+# Python arithmetic on ``x.size()`` that torch.fx cannot trace, so a block holding one would fall
+# back to its subtrees and leave its BatchNorms untraced.  They hold no norm layer and compute one
+# known function each, so the tracer keeps them whole; matched by class name and module so timm
+# need not be imported.  (``sites.py`` knows what Conv2dSame computes and folds into it.)
+DYNAMIC_PAD_LAYERS = {"Conv2dSame", "AvgPool2dSame", "MaxPool2dSame"}
+
+
+def is_dynamic_pad_layer(m: nn.Module) -> bool:
+    """timm's ``Conv2dSame`` / ``AvgPool2dSame`` / ``MaxPool2dSame`` exactly (not subclasses: their
+    forward may differ)."""
+    return type(m).__name__ in DYNAMIC_PAD_LAYERS and type(m).__module__.startswith("timm.layers.")
+
+
 def contains_norm(m: nn.Module) -> bool:
     return any(is_norm_module(s) for s in m.modules())
 
 
 class NormTracer(fx.Tracer):
-    """``fx.Tracer`` that treats norm layers as leaves (see :func:`is_norm_module`)."""
+    """``fx.Tracer`` that treats norm layers (see :func:`is_norm_module`) and timm's dynamic-SAME-padding
+    layers (see :func:`is_dynamic_pad_layer`) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_norm_module(m) or super().is_leaf_module(m, module_qualified_name)
+        return is_norm_module(m) or is_dynamic_pad_layer(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(module: nn.Module) -> fx.GraphModule:

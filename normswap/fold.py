@@ -8,6 +8,13 @@ The pure arithmetic (tensors in, tensors out) comes first; the graph surgery tha
 
 Every function here computes in float64 and casts the result back to the dtype of the weight it
 replaces, so an fp16/bf16 model keeps its dtype while the fold itself loses no precision.
+
+Where ``(s, t)`` goes is decided per site by :func:`normswap.sites.can_fold`: into the layer that
+produced the BN's input (also through reshapes that keep a Linear's feature axis last, as LeViT's
+``flatten(0, 1)``), slice ``[o_i, o_i + C_i)`` into each layer whose outputs a ``cat`` joined (MixNet,
+Inception), forward into the next layer, merged with the parallel convolution branches of a
+RepVGG/MobileOne block (arithmetic in :mod:`normswap.reparam`), else a per-channel scale-and-shift.
+Weight-standardized convolutions are baked first (:mod:`normswap.ws_bake`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,21 @@ from torch import Tensor, fx, nn
 from .capture import Capture, capture, is_norm_module, propagate_shapes
 from .layers import ChannelAffine, PostNorm
 from .passes import PassResult, SiteAction, assemble, set_module, unique_target
-from .sites import CONVT, WEIGHTED, BNParams, bn_post_ops, can_fold, find_sites, is_bn_site_module
+from .reparam import merge_parallel_convs
+from .sites import (
+    CONVT,
+    WEIGHTED,
+    BNParams,
+    FoldPlan,
+    NormSite,
+    bn_post_ops,
+    can_fold,
+    find_sites,
+    is_bn_site_module,
+    module_call_count,
+    needs_shapes,
+    value_users,
+)
 
 __all__ = [
     "fold",
@@ -34,6 +55,7 @@ __all__ = [
     "ws_kind",
     "bake_ws_weight",
     "bake_ws",
+    "WSPadSame",
 ]
 
 
@@ -132,134 +154,8 @@ def fold_bn_into_linear_input(
     return (w * scale[None, :]).to(weight.dtype), b.to(weight.dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# Weight standardization, baked: a WS convolution becomes a plain one with Ŵ as its weight.
-# --------------------------------------------------------------------------------------------
 
-# timm.layers.std_conv: matched by class name and module so timm need not be imported
-_TIMM_WS = {"StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"}
-
-
-def ws_kind(m: nn.Module) -> str | None:
-    """``"normswap"`` for normswap's WSConv1d/2d/3d, ``"timm"`` for timm's (Scaled)StdConv2d(Same),
-    None for anything else (subclasses of the timm classes are not matched: their forward may differ)."""
-    from .norms.ws import WS_CONVS
-
-    if isinstance(m, WS_CONVS):
-        return "normswap"
-    if type(m).__name__ in _TIMM_WS and type(m).__module__.startswith("timm."):
-        return "timm"
-    return None
-
-
-def bake_ws_weight(weight: Tensor, eps: float, gain: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Ŵ = (W − μ)/√(σ² + ε) per output channel (biased variance, ε inside the root — what both
-    normswap's WSConv and timm's ``F.batch_norm(W.reshape(1, C_out, -1), training=True)`` compute),
-    times ``gain·scale`` per output channel for timm's ScaledStdConv2d. Computed in float64, returned
-    in ``weight``'s dtype."""
-    from .norms.ws import standardize
-
-    w = standardize(weight.detach().to(torch.float64), float(eps))
-    if gain is not None or scale is not None:
-        g = torch.ones(w.shape[0], dtype=torch.float64) if gain is None else gain.detach().to(torch.float64).reshape(-1)
-        w = w * (g * (1.0 if scale is None else float(scale))).reshape(-1, *([1] * (w.dim() - 1)))
-    return w.to(weight.dtype)
-
-
-def _ws_pad_same(x: Tensor, kernel_size: Any, stride: Any, dilation: Any) -> Tensor:
-    """timm's own dynamic SAME padding (``timm.layers.padding.pad_same``), called exactly as the
-    ``*Same`` convolutions call it; an opaque call for torch.fx (its size arithmetic is not traceable)."""
-    from timm.layers.padding import pad_same
-
-    return pad_same(x, kernel_size, stride, dilation)
-
-
-fx.wrap("_ws_pad_same")
-
-
-class WSPadSame(nn.Module):
-    """The dynamic SAME padding of a baked timm ``StdConv2dSame`` / ``ScaledStdConv2dSame``."""
-
-    def __init__(self, kernel_size: Any, stride: Any, dilation: Any) -> None:
-        super().__init__()
-        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _ws_pad_same(x, self.kernel_size, self.stride, self.dilation)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
-
-
-def _baked_ws(m: nn.Module) -> tuple[nn.Module, list[str]]:
-    """The plain convolution (or ``Sequential(WSPadSame, Conv2d)``) computing what WS conv ``m``
-    computes, with notes for the report."""
-    w = m.weight
-    notes: list[str] = []
-    if ws_kind(m) == "normswap":  # its own export form is exactly this bake
-        conv = m.export_form()
-        conv.weight.requires_grad_(w.requires_grad)
-        if m.bias is not None:
-            conv.bias.requires_grad_(m.bias.requires_grad)
-        return conv, notes
-    # timm: F.conv2d with self.padding, padding_mode ignored (always zeros)
-    gain = getattr(m, "gain", None)
-    scale = getattr(m, "scale", None) if gain is not None else None
-    baked = bake_ws_weight(w, m.eps, gain, scale)
-    if gain is not None:
-        notes.append("gain·scale (ScaledStdConv2d) baked in")
-    conv = nn.Conv2d(
-        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-        groups=m.groups, bias=m.bias is not None, device=w.device, dtype=w.dtype,
-    )
-    with torch.no_grad():
-        conv.weight = nn.Parameter(baked, requires_grad=w.requires_grad)
-        if m.bias is not None:
-            conv.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
-    new: nn.Module = conv
-    if getattr(m, "same_pad", False):
-        new = nn.Sequential(WSPadSame(m.kernel_size, m.stride, m.dilation), conv)
-        notes.append("timm's dynamic SAME padding kept (WSPadSame before the convolution)")
-    return new.train(m.training), notes
-
-
-def bake_ws(model: nn.Module, owned: set[int] = frozenset()) -> tuple[nn.Module, list[SiteAction]]:
-    """Replace every weight-standardized convolution under ``model`` by its baked form (in place on
-    ``model``'s containers; the WS convs themselves are not touched, so they may be shared with the
-    caller's model). Modules whose id is in ``owned`` (the caller's) are never modified. A WS conv
-    used at several places becomes one baked module used at the same places.
-    Returns the model (a new root if the root itself is a WS conv) and one ``ws-baked`` action each."""
-    actions: list[SiteAction] = []
-    memo: dict[int, nn.Module] = {}
-
-    def baked(name: str, m: nn.Module) -> nn.Module:
-        if id(m) not in memo:
-            new, notes = _baked_ws(m)
-            memo[id(m)] = new
-            target = f"{name}.1" if isinstance(new, nn.Sequential) else name
-            actions.append(SiteAction(name or "<model>", type(m).__name__, "ws-baked", target=target,
-                                      exact=True, notes=notes))
-        return memo[id(m)]
-
-    if ws_kind(model) is not None:
-        return baked("", model), actions
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    visited: set[int] = set()
-    while stack:
-        prefix, mod = stack.pop(0)
-        if id(mod) in visited:
-            continue
-        visited.add(id(mod))
-        for name, child in list(mod._modules.items()):
-            if child is None:
-                continue
-            path = f"{prefix}.{name}" if prefix else name
-            if ws_kind(child) is not None and id(mod) not in owned:
-                mod._modules[name] = baked(path, child)
-            else:
-                stack.append((path, child))
-    return model, actions
-
+from .ws_bake import WSPadSame, bake_ws, bake_ws_weight, ws_kind  # noqa: E402  (re-exported: part of the fold pass)
 
 # --------------------------------------------------------------------------------------------
 # The pass: graph surgery that calls the arithmetic above.
@@ -369,16 +265,164 @@ def _unshare(model: nn.Module, owned: set[int]) -> nn.Module:
 
 
 def _needs_shapes(cap: Capture) -> bool:
-    """Shapes matter only where a BN touches a Linear (is its output ``[N, C]``?); skipping the
-    shape-propagation forward pass elsewhere keeps the pass cheap on big inputs."""
+    """Shapes matter only where a BN touches a Linear (is its output ``[N, C]``?) or follows a
+    reshape or a concatenation (:func:`normswap.sites.needs_shapes`); skipping the shape-propagation
+    forward pass elsewhere keeps the pass cheap on big inputs."""
     for part in cap.parts:
         gm = part.graph
         for n in gm.graph.nodes:
-            if n.op == "call_module" and is_norm_module(gm.get_submodule(n.target)):
-                near = [a for a in n.args if isinstance(a, fx.Node)] + list(n.users)
-                if any(m.op == "call_module" and isinstance(gm.get_submodule(m.target), nn.Linear) for m in near):
-                    return True
+            if n.op == "call_module" and is_norm_module(gm.get_submodule(n.target)) and needs_shapes(gm, n):
+                return True
     return False
+
+
+def _copy_call(gm: fx.GraphModule, node: fx.Node, module: nn.Module, base: str) -> fx.Node:
+    """A new call of ``module`` (registered under a fresh name from ``base``) with ``node``'s
+    arguments, right after ``node``."""
+    target = unique_target(gm, base)
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_after(node):
+        return gm.graph.call_module(target, node.args, dict(node.kwargs))
+
+
+def _finish(gm: fx.GraphModule, site: NormSite, out: fx.Node, nmap: dict[str, str | None]) -> None:
+    """Route the BN node's users to ``out`` (through the BN's kept dropout + activation, if any)
+    and erase the BN node."""
+    n = site.node
+    post = _post(site.module)
+    if post is not None:  # keep BatchNormAct's dropout + activation, at the BN's own path
+        set_module(gm, str(n.target), post)
+        with gm.graph.inserting_after(out):
+            post_node = gm.graph.call_module(str(n.target), (out,))
+        nmap[out.name] = None  # pre-activation value: no counterpart in the original
+        out = post_node
+    n.replace_all_uses_with(out)
+    gm.graph.erase_node(n)
+    nmap[out.name] = n.name
+
+
+def _into_producer(gm: fx.GraphModule, site: NormSite, plan: FoldPlan, action: SiteAction,
+                   s: Tensor, t: Tensor, nmap: dict[str, str | None]) -> None:
+    """Fold into the layer before the BN (reached through ``plan.path``'s reshapes), or into a copy
+    of it when its output also feeds other nodes: the copy and copies of the reshapes then carry
+    the BN's path."""
+    path = list(plan.path)
+    src = path[0].args[0] if path else site.node.args[0]
+    folded = _fold_into_producer(gm.get_submodule(str(src.target)), s, t)
+    if plan.action == "into-producer":
+        set_module(gm, str(src.target), folded)
+        chain = [src, *path]
+    else:  # a copy carries the BN path; the original keeps feeding everyone else
+        new = _copy_call(gm, src, folded, f"{src.target}_bnfold")
+        action.target = str(new.target)
+        copies = {src: new}
+        for v in path:
+            with gm.graph.inserting_after(v):
+                copies[v] = gm.graph.node_copy(v, lambda a: copies.get(a, a))
+        chain = list(copies.values())
+    for v in chain[:-1]:  # values changed (or new nodes): no counterpart in the original
+        nmap[v.name] = None
+    _finish(gm, site, chain[-1], nmap)
+
+
+def _into_producers(gm: fx.GraphModule, site: NormSite, plan: FoldPlan, s: Tensor, t: Tensor,
+                    nmap: dict[str, str | None]) -> list[str]:
+    """Fold channel slice ``[off, off + c_i)`` into the i-th layer concatenated before the BN; a
+    layer whose output is also used elsewhere (or the whole concatenation, if it is) is copied.
+    Returns notes for the report."""
+    n = site.node
+    cat = n.args[0]
+    cat_shared = len(value_users(cat)) > 1
+    new_inputs: list[fx.Node] = []
+    copied: list[str] = []
+    off = 0
+    for v in plan.sources:
+        layer = gm.get_submodule(str(v.target))
+        c = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        folded = _fold_into_producer(layer, s[off:off + c], t[off:off + c])
+        off += c
+        if cat_shared or len(v.users) > 1 or module_call_count(gm, str(v.target)) > 1:
+            new_inputs.append(_copy_call(gm, v, folded, f"{v.target}_bnfold"))
+            copied.append(str(v.target))
+        else:
+            set_module(gm, str(v.target), folded)
+            new_inputs.append(v)
+        nmap[new_inputs[-1].name] = None
+    if cat_shared:
+        with gm.graph.inserting_after(cat):
+            out = gm.graph.node_copy(cat, lambda a: a)
+        out.args = (new_inputs, *out.args[1:]) if out.args else ()
+        if not out.args:
+            out.kwargs = {**out.kwargs, "tensors": new_inputs}
+    else:
+        out = cat
+        if cat.args:
+            cat.args = (new_inputs, *cat.args[1:])
+        else:
+            cat.kwargs = {**cat.kwargs, "tensors": new_inputs}
+    _finish(gm, site, out, nmap)
+    return [f"copied (their outputs are also used elsewhere): {', '.join(copied)}"] if copied else []
+
+
+def _into_consumer(gm: fx.GraphModule, site: NormSite, plan: FoldPlan, s: Tensor, t: Tensor,
+                   nmap: dict[str, str | None]) -> None:
+    """Fold forward into the layer after the BN (past ``plan.path``'s eval-identity Dropouts)."""
+    n = site.node
+    target = str(plan.target)
+    set_module(gm, target, _fold_into_consumer(gm.get_submodule(target), s, t))
+    for v in plan.path:  # now carries the un-normalized value
+        nmap[v.name] = None
+    n.replace_all_uses_with(n.args[0])
+    gm.graph.erase_node(n)
+
+
+def _merge(gm: fx.GraphModule, site: NormSite, plan: FoldPlan, s: Tensor, t: Tensor,
+           nmap: dict[str, str | None]) -> str:
+    """Replace the sum ``conv₀(x) + Σ convᵢ(x) + BN(x)`` by one convolution
+    (:func:`normswap.reparam.merge_parallel_convs`). Returns the merged layer's target."""
+    mp = plan.merge
+    assert mp is not None
+    main = gm.get_submodule(str(mp.main.target))
+    others = [gm.get_submodule(str(v.target)) for v in mp.others]
+    w, b = merge_parallel_convs((main.weight, main.bias), [(m.weight, m.bias) for m in others], (s, t))
+    merged = _with_weights(main, w, b)
+    if module_call_count(gm, str(mp.main.target)) > 1:
+        target = unique_target(gm, f"{mp.main.target}_merged")
+        gm.add_submodule(target, merged)
+        mp.main.target = target
+    else:
+        set_module(gm, str(mp.main.target), merged)
+    mp.top.replace_all_uses_with(mp.main)
+    for v in [*mp.inner, site.node, *mp.others]:  # each one's users are erased before it
+        gm.graph.erase_node(v)
+    nmap[mp.main.name] = mp.top.name
+    return str(mp.main.target)
+
+
+def _apply(work: nn.Module, site: NormSite, plan: FoldPlan, nmap: dict[str, str | None]) -> SiteAction:
+    """Carry out ``plan`` at ``site``; the action for the report."""
+    action = SiteAction(site.name, site.kind, plan.action, plan.target, plan.reason, notes=list(plan.notes))
+    action.exact = plan.action != "refuse"
+    if plan.action == "refuse":
+        return action
+    p = plan.params
+    assert p is not None
+    s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
+    if site.node is None:  # outside every traced part: swap the module itself
+        set_module(work, site.name, _affine(site.module, s, t, _param_dtype(p)))
+        return action
+    gm, n = site.part.graph, site.node
+    if plan.action == "affine":
+        set_module(gm, str(n.target), _affine(site.module, s, t, _param_dtype(p)))
+    elif plan.action == "into-consumer":
+        _into_consumer(gm, site, plan, s, t, nmap)
+    elif plan.action == "into-producers":
+        action.notes += _into_producers(gm, site, plan, s, t, nmap)
+    elif plan.action == "merged":
+        action.target = _merge(gm, site, plan, s, t, nmap)
+    else:
+        _into_producer(gm, site, plan, action, s, t, nmap)
+    return action
 
 
 def fold(
@@ -391,6 +435,10 @@ def fold(
 
     Returns the rewritten (eval-mode, inference) model and one :class:`SiteAction` per site.
     ``skip`` names sites to leave alone (used to re-apply a saved conversion faithfully).
+
+    Two rounds: every site in graph order, except that a traced site whose plan is a scale-and-shift
+    waits for the second round, when it is planned again against the graph with every other fold
+    applied — a RepVGG identity branch merges only once its convolution branches' BNs are folded.
     """
     work, shared = _copy_sharing_weights(model)
     # weight standardization first: a BN after a WS conv then folds into a plain conv (folding into
@@ -404,55 +452,21 @@ def fold(
     skip = set(skip)
     result = PassResult(model=work, pass_name="fold", actions=list(baked))
     maps: dict[str, dict[str, str | None]] = {p.qualname: {} for p in cap.parts}
+    actions: list[SiteAction | None] = []
+    later: list[tuple[int, NormSite]] = []
     for site in sites:
         if site.name in skip:
-            result.actions.append(SiteAction(site.name, site.kind, "refuse", reason="skipped on request"))
+            actions.append(SiteAction(site.name, site.kind, "refuse", reason="skipped on request"))
             continue
         plan = can_fold(site)  # computed against the graph as already rewritten: chains compose
-        action = SiteAction(site.name, site.kind, plan.action, plan.target, plan.reason)
-        action.exact = plan.action != "refuse"
-        result.actions.append(action)
-        if plan.action == "refuse":
+        if plan.action == "affine" and site.node is not None:
+            later.append((len(actions), site))
+            actions.append(None)
             continue
-        p = plan.params
-        assert p is not None
-        s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
-        if site.node is None:  # outside every traced part: swap the module itself
-            set_module(work, site.name, _affine(site.module, s, t, _param_dtype(p)))
-            continue
-        gm, n = site.part.graph, site.node
-        nmap = maps[site.part.qualname]
-        if plan.action == "affine":
-            set_module(gm, str(n.target), _affine(site.module, s, t, _param_dtype(p)))
-        elif plan.action == "into-consumer":
-            (u,) = n.users
-            set_module(gm, str(u.target), _fold_into_consumer(gm.get_submodule(str(u.target)), s, t))
-            u.args = (n.args[0],)
-            gm.graph.erase_node(n)
-        else:
-            src = n.args[0]
-            assert isinstance(src, fx.Node)
-            layer = gm.get_submodule(str(src.target))
-            folded = _fold_into_producer(layer, s, t)
-            if plan.action == "into-producer":
-                set_module(gm, str(src.target), folded)
-                out = src
-            else:  # a copy carries the BN path; the original keeps feeding everyone else
-                new_target = unique_target(gm, f"{src.target}_bnfold")
-                gm.add_submodule(new_target, folded)
-                with gm.graph.inserting_after(src):
-                    out = gm.graph.call_module(new_target, src.args, dict(src.kwargs))
-                action.target = new_target
-            post = _post(site.module)
-            if post is not None:  # keep BatchNormAct's dropout + activation, at the BN's own path
-                set_module(gm, str(n.target), post)
-                with gm.graph.inserting_after(out):
-                    post_node = gm.graph.call_module(str(n.target), (out,))
-                nmap[out.name] = None  # pre-activation value: no counterpart in the original
-                out = post_node
-            n.replace_all_uses_with(out)
-            gm.graph.erase_node(n)
-            nmap[out.name] = n.name
+        actions.append(_apply(work, site, plan, maps[site.part.qualname] if site.part else {}))
+    for i, site in later:
+        actions[i] = _apply(work, site, can_fold(site), maps[site.part.qualname])
+    result.actions += [a for a in actions if a is not None]
     # unshare first, then eval: ``.eval()`` on a model still holding the caller's layers (those
     # not folded, e.g. a classifier Linear) would flip the caller's ``training`` flags
     result.model = _unshare(assemble(cap), shared).eval()

@@ -18,6 +18,9 @@ _STYLE = {
     "into-producer": "green",
     "into-producer-copy": "green",
     "into-consumer": "green",
+    "into-producers": "green",  # a BN after cat(): each channel slice folded into its own producer
+    "merged": "green",  # RepVGG/MobileOne branches re-parameterized into one conv
+    "ws-baked": "green",
     "affine": "yellow",
     "refuse": "red",
 }

@@ -8,13 +8,24 @@ preferred action is not possible, the reason — so ``normswap inspect`` and the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .capture import Capture, TracedPart
+from .capture import Capture, TracedPart, is_dynamic_pad_layer
+from .graph_ops import (
+    CAT_FUNCTIONS,
+    is_add,
+    is_eval_identity,
+    is_flat_view,
+    node_shape,
+    plus_zero,
+    sum_leaves,
+    value_users,
+)
 from .layers import is_identity
 from .norms.registry import site_kind
 
@@ -28,6 +39,10 @@ __all__ = [
     "bn_post_ops",
     "can_fold",
     "FOLD_ACTIONS",
+    "MergePlan",
+    "folds_like_conv",
+    "is_eval_identity",
+    "needs_shapes",
 ]
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,6 +62,9 @@ FOLD_ACTIONS = {
     "into-producer": "folded into the preceding layer's weights",
     "into-producer-copy": "folded into a copy of the preceding layer (its output also feeds other nodes)",
     "into-consumer": "folded forward into the following layer's weights",
+    "into-producers": "folded slice by slice into the layers whose outputs are concatenated before it",
+    "merged": "identity-BatchNorm branch merged with the parallel convolution branches into one convolution "
+              "(structural re-parameterization)",
     "affine": "replaced by a per-channel scale-and-shift",
     "ws-baked": "weight-standardized convolution replaced by a plain one holding the standardized weights",
     "refuse": "left unchanged",
@@ -231,6 +249,19 @@ def find_sites(cap: Capture) -> list[NormSite]:
 
 
 @dataclass
+class MergePlan:
+    """A sum of parallel branches that all read the same tensor ``x``: the identity BatchNorm of the
+    site, and convolutions of ``x`` (RepVGG / MobileOne blocks, their conv-side BatchNorms already
+    folded).  ``top`` is the node whose value the merged convolution ``main`` replaces; ``inner``
+    the add / eval-identity nodes between the branches and ``top`` (``top`` included)."""
+
+    main: fx.Node
+    others: list[fx.Node]
+    top: fx.Node
+    inner: list[fx.Node]
+
+
+@dataclass
 class FoldPlan:
     """What the fold pass will do at a site, and why not something better."""
 
@@ -238,76 +269,262 @@ class FoldPlan:
     reason: str | None = None  # why the better actions are not possible (or why refused)
     target: str | None = None  # the layer it folds into
     params: BNParams | None = field(default=None, repr=False, compare=False)  # checked, when not refused
+    # into-producer(-copy): the shape-only view nodes between the producer and the BN (LeViT's
+    # flatten); into-consumer: the eval-identity nodes (Dropout) between the BN and the consumer
+    path: tuple[fx.Node, ...] = field(default=(), repr=False, compare=False)
+    # into-producers: the concatenated layer outputs, in channel order
+    sources: tuple[fx.Node, ...] = field(default=(), repr=False, compare=False)
+    merge: MergePlan | None = field(default=None, repr=False, compare=False)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action, "target": self.target, "reason": self.reason}
 
 
-def _producer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, nn.Module | None]:
-    """Why the node feeding the BN cannot absorb it (None = it can), plus its module."""
+# timm's Conv2dSame: ``F.conv2d(pad_same(x), W, b, stride, 0, dilation, groups)`` — the padding is
+# applied to its *input*, so scaling its output channels is exactly scaling W and b.
+_SAME_CONVS = {"Conv2dSame"}
+
+
+def folds_like_conv(m: nn.Module | None) -> bool:
+    """A Conv/ConvTranspose/Linear whose output channel ``o`` is ``W_o · (input) + b_o``: the plain
+    torch classes and timm's ``Conv2dSame`` (its dynamic padding acts on the input)."""
+    if not isinstance(m, WEIGHTED):
+        return False
+    return type(m).forward in PLAIN_FORWARDS or (is_dynamic_pad_layer(m) and type(m).__name__ in _SAME_CONVS)
+
+
+def needs_shapes(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether planning BN node ``n`` needs tensor shapes: a Linear or a reshape before it, a
+    concatenation (its axis may be negative) or a Linear after it."""
+    src = n.args[0] if n.args else None
+    if is_flat_view(src):
+        return True
+    if isinstance(src, fx.Node) and src.op == "call_function" and src.target in CAT_FUNCTIONS:
+        dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+        return not isinstance(dim, int) or dim < 0
+    near = [src] + [v for u in n.users for v in (u, *u.users)]
+    return any(isinstance(node_module(gm, m), nn.Linear) for m in near)
+
+
+def _producer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, nn.Module | None, tuple[fx.Node, ...]]:
+    """Why the node feeding the BN cannot absorb it (None = it can), plus its module and the
+    reshapes between them (only a Linear is looked for through reshapes)."""
     n = site.node
     assert n is not None
     if len(n.args) != 1 or n.kwargs:
-        return "BatchNorm is called with extra arguments", None
+        return "BatchNorm is called with extra arguments", None, ()
     src = n.args[0]
+    path: list[fx.Node] = []
+    while is_flat_view(src):  # LeViT: Linear → flatten(0, 1) → BatchNorm1d
+        path.insert(0, src)
+        src = src.args[0]
     m = node_module(gm, src)
     if m is None:
-        return f"its input comes from {describe_node(gm, src)}, not a Conv/ConvTranspose/Linear", None
+        return f"its input comes from {describe_node(gm, src)}, not a Conv/ConvTranspose/Linear", None, ()
     assert isinstance(src, fx.Node)
     if len(src.args) != 1 or src.kwargs:
-        return f"{src.target} is called with extra arguments", m
+        return f"{src.target} is called with extra arguments", m, ()
     c = _num_features(site.module)
-    if isinstance(m, WEIGHTED) and type(m).forward not in PLAIN_FORWARDS:
-        return f"{src.target} ({type(m).__name__}) overrides forward", m
+    if isinstance(m, WEIGHTED) and not folds_like_conv(m):
+        return f"{src.target} ({type(m).__name__}) overrides forward", m, ()
     if isinstance(m, CONV + CONVT):
+        if path:
+            return f"{describe_node(gm, path[-1])} reshapes {src.target}'s output on its way to the BatchNorm", m, ()
         if m.out_channels != c:
-            return f"{src.target} has {m.out_channels} output channels, BatchNorm has {c}", m
-        return None, m
+            return f"{src.target} has {m.out_channels} output channels, BatchNorm has {c}", m, ()
+        return None, m, ()
     if isinstance(m, nn.Linear):
         if m.out_features != c:
-            return f"{src.target} has {m.out_features} outputs, BatchNorm has {c}", m
+            return f"{src.target} has {m.out_features} outputs, BatchNorm has {c}", m, ()
         if site.spatial_dims is None:
-            return "Linear→BatchNorm fold needs the input rank: give example inputs", m
+            return "Linear→BatchNorm fold needs the input rank: give example inputs", m, ()
         if site.spatial_dims != 0:
-            return "Linear output is not [N, C]: BatchNorm1d normalizes dim 1, not the Linear's features", m
-        return None, m
-    return f"its input comes from {src.target} ({type(m).__name__}), not a Conv/ConvTranspose/Linear", m
+            return "Linear output is not [N, C]: BatchNorm1d normalizes dim 1, not the Linear's features", m, ()
+        for v in path:  # BN1d on [M, C] normalizes the last axis: every reshape must keep it whole
+            shape = node_shape(v)
+            if shape is None or not shape or shape[-1] != c:
+                return f"{describe_node(gm, v)} does not keep the Linear's {c} features as its last axis", m, ()
+        return None, m, tuple(path)
+    return f"its input comes from {src.target} ({type(m).__name__}), not a Conv/ConvTranspose/Linear", m, ()
 
 
-def _consumer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, fx.Node | None]:
-    """Why the BN cannot be folded forward into the single layer it feeds (None = it can)."""
+def _cat_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, tuple[fx.Node, ...]]:
+    """Why the BN cannot be folded slice by slice into the layers whose outputs are concatenated
+    (along the channel axis) right before it (None = it can), plus those layers' nodes."""
+    n = site.node
+    assert n is not None
+    src = n.args[0] if len(n.args) == 1 and not n.kwargs else None
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target in CAT_FUNCTIONS):
+        return "not a concatenation", ()
+    tensors = src.args[0] if src.args else src.kwargs.get("tensors")
+    dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        return "cat() with inputs normswap cannot read", ()
+    shape = node_shape(src)
+    if dim < 0:
+        if shape is None:
+            return "cat() along a negative axis: give example inputs", ()
+        dim += len(shape)
+    if dim != 1:
+        return f"cat() joins axis {dim}, not the channel axis", ()
+    if len(set(map(id, tensors))) != len(tensors):
+        return "cat() joins the same tensor twice", ()
+    total = 0
+    for t in tensors:
+        m = node_module(gm, t)
+        if not folds_like_conv(m) or isinstance(m, nn.Linear) and site.spatial_dims != 0:
+            return f"cat() also joins {describe_node(gm, t)}, not a Conv/ConvTranspose/Linear", ()
+        assert isinstance(t, fx.Node)
+        if len(t.args) != 1 or t.kwargs:
+            return f"{t.target} is called with extra arguments", ()
+        total += m.out_features if isinstance(m, nn.Linear) else m.out_channels
+    c = _num_features(site.module)
+    if total != c:
+        return f"cat() joins {total} channels, BatchNorm has {c}", ()
+    return None, tuple(tensors)
+
+
+def _consumer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, fx.Node | None, tuple[fx.Node, ...]]:
+    """Why the BN cannot be folded forward into the single layer it feeds (None = it can), plus that
+    layer's node and the eval-identity nodes (Dropout) in between."""
     n = site.node
     assert n is not None
     if bn_post_ops(site.module) != (None, None):
-        return "its activation sits between it and the next layer", None
-    users = list(n.users)
-    if len(users) != 1:
-        return f"its output feeds {len(users)} nodes", None
-    u = users[0]
-    m = node_module(gm, u)
-    if m is None or u.args[0] is not n or len(u.args) != 1 or u.kwargs:
-        return f"it feeds {describe_node(gm, u)}, not a Conv/Linear", None
+        return "its activation sits between it and the next layer", None, ()
+    path: list[fx.Node] = []
+    cur = n
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return f"its output feeds {len(users)} nodes", None, ()
+        u = users[0]
+        m = node_module(gm, u)
+        if m is None or u.args[0] is not cur or len(u.args) != 1 or u.kwargs:
+            return f"it feeds {describe_node(gm, u)}, not a Conv/Linear", None, ()
+        if not is_eval_identity(m):
+            break
+        if module_call_count(gm, u.target) != 1:
+            return f"{u.target} is called more than once", None, ()
+        path.append(u)
+        cur = u
     if module_call_count(gm, u.target) != 1:
-        return f"{u.target} is called more than once", None
+        return f"{u.target} is called more than once", None, ()
     if isinstance(m, CONV) and type(m).forward in PLAIN_FORWARDS:
         # Zero padding pads the *normalized* tensor with 0, which is not s·0 + t: only padding
         # that copies real values (reflect/replicate/circular) commutes with a per-channel affine.
         pads = m.padding if isinstance(m.padding, tuple) else (m.padding,)
         if m.padding_mode == "zeros" and (m.padding == "same" or any(p != 0 for p in pads)):
-            return f"{u.target} zero-pads its input, so folding forward would not be exact", None
-        return None, u
+            return f"{u.target} zero-pads its input, so folding forward would not be exact", None, ()
+        return None, u, tuple(path)
+    if isinstance(m, CONV) and folds_like_conv(m):
+        return f"{u.target} ({type(m).__name__}) zero-pads its input, so folding forward would not be exact", None, ()
     if isinstance(m, nn.Linear) and type(m).forward in PLAIN_FORWARDS:
         if site.spatial_dims != 0:
-            return "the next Linear does not see [N, C] features", None
-        return None, u
-    return f"it feeds {describe_node(gm, u)}, not a Conv/Linear", None
+            return "the next Linear does not see [N, C] features", None, ()
+        return None, u, tuple(path)
+    return f"it feeds {describe_node(gm, u)}, not a Conv/Linear", None, ()
+
+
+def _centred_padding(m: nn.Module) -> bool:
+    """Every output position of conv ``m`` is centred on the input position it is computed at:
+    odd kernel, padding ``d·(k−1)/2`` (``'same'`` included)."""
+    for k, d, i in zip(m.kernel_size, m.dilation, range(len(m.kernel_size))):
+        if k % 2 == 0:
+            return False
+        p = 0 if m.padding == "valid" else d * (k - 1) // 2 if m.padding == "same" else m.padding[i]
+        if p != d * (k - 1) // 2:
+            return False
+    return True
+
+
+def _merge_leaves_reason(gm: fx.GraphModule, site: NormSite, leaves: list[fx.Node]) -> tuple[str | None, fx.Node | None]:
+    """Why the branches ``leaves`` (the BN node among them) cannot become one convolution, or the
+    convolution they merge into."""
+    n = site.node
+    x = n.args[0]
+    convs = [v for v in leaves if v is not n]
+    if not convs:
+        return "no convolution branch to merge into", None
+    if len(set(leaves)) != len(leaves):
+        return "the sum adds one branch more than once", None
+    for v in convs:
+        if len(v.users) != 1:
+            return f"{describe_node(gm, v)}'s output is also used outside the sum", None
+        m = node_module(gm, v)
+        if not isinstance(m, CONV) or type(m).forward not in PLAIN_FORWARDS:
+            return f"the sum also adds {describe_node(gm, v)}, not a plain convolution", None
+        if v.args != (x,) or v.kwargs:
+            return f"{v.target} does not read the BatchNorm's input", None
+    mods = {v: node_module(gm, v) for v in convs}
+    main = max(convs, key=lambda v: (math.prod(mods[v].kernel_size), -convs.index(v)))
+    mm = mods[main]
+    c = _num_features(site.module)
+    if not (mm.in_channels == mm.out_channels == c):
+        return f"{main.target} maps {mm.in_channels} to {mm.out_channels} channels; an identity branch of {c} cannot merge", None
+    if any(s != 1 for s in mm.stride):
+        return f"{main.target} has stride {tuple(mm.stride)}; the identity branch has stride 1", None
+    for v, m in mods.items():
+        what = f"{v.target} and {main.target}"
+        if type(m) is not type(mm) or (m.in_channels, m.out_channels, m.groups) != (mm.in_channels, mm.out_channels, mm.groups):
+            return f"{what} differ in type, channels or groups", None
+        if tuple(m.stride) != tuple(mm.stride) or tuple(m.dilation) != tuple(mm.dilation) and any(k > 1 for k in m.kernel_size):
+            return f"{what} differ in stride or dilation", None
+        if any(k > K for k, K in zip(m.kernel_size, mm.kernel_size)):
+            return f"{v.target}'s kernel does not fit inside {main.target}'s", None
+        if not _centred_padding(m):
+            return f"{v.target} (kernel {tuple(m.kernel_size)}, padding {m.padding}) is not centred", None
+        if m.padding_mode != mm.padding_mode and any(k > 1 for k in m.kernel_size):
+            return f"{what} pad differently ({m.padding_mode} vs {mm.padding_mode})", None
+        if m.weight.dtype != mm.weight.dtype:
+            return f"{what} have different dtypes", None
+    return None, main
+
+
+def _merge_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, MergePlan | None]:
+    """Why the BN — an identity branch summed with convolutions of its own input (RepVGG,
+    MobileOne) — cannot be merged with them into one convolution (None = it can).
+
+    The largest sum (climbing additions and eval-identity modules from the BN) whose every term is
+    the BN or a convolution of the BN's input wins; the merged kernel is the sum of the branches'
+    kernels, each centred in the largest, plus ``s_c`` at the centre tap of channel ``c``'s own input.
+    """
+    n = site.node
+    assert n is not None
+    if len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
+        return "BatchNorm is called with extra arguments", None
+    tops: list[fx.Node] = []
+    cur = n
+    while len(cur.users) == 1:
+        (u,) = cur.users
+        if is_add(u):
+            tops.append(u)
+        elif not (is_eval_identity(node_module(gm, u)) and u.args == (cur,)) and plus_zero(u) is not cur:
+            break
+        cur = u
+    if not tops:
+        return "its output is not added to other branches", None
+    if bn_post_ops(site.module) != (None, None):
+        return "its activation sits on the identity branch", None
+    smallest_why = None
+    for top in reversed(tops):  # the largest sum first
+        leaves, inner = sum_leaves(gm, top)
+        why, main = _merge_leaves_reason(gm, site, leaves)
+        if why is None:
+            assert main is not None
+            others = [v for v in leaves if v is not n and v is not main]
+            return None, MergePlan(main, others, top, inner)
+        smallest_why = why  # ends as the reason for the smallest sum
+    return smallest_why, None
 
 
 def can_fold(site: NormSite) -> FoldPlan:
     """Every reason a fold is refused or degraded, in one predicate.
 
-    Preference: into the producer → into a copy of a shared producer → forward into the consumer →
-    per-channel affine (always exact) → refuse (no exact eval function exists).
+    Preference: into the producer (through reshapes that keep a Linear's feature axis last) → into a
+    copy of a shared producer → slice by slice into concatenated producers → forward into the
+    consumer (through eval-identity Dropout) → merged with parallel convolution branches (RepVGG)
+    → per-channel affine (always exact) → refuse (no exact eval function exists).
     """
     why_kind = bn_kind_reason(site.module)
     if why_kind is not None:
@@ -318,20 +535,37 @@ def can_fold(site: NormSite) -> FoldPlan:
     if site.node is None or site.part is None:
         return FoldPlan("affine", f"not in a traced graph: {site.untraced_reason}", params=params)
     gm = site.part.graph
-    why_prod, prod = _producer_reason(gm, site)
+    why_prod, prod, path = _producer_reason(gm, site)
+    notes = [f"through {', '.join(describe_node(gm, v) for v in path)}"] if path else []
     if why_prod is None:
-        src = site.node.args[0]
+        src = path[0].args[0] if path else site.node.args[0]
         assert isinstance(src, fx.Node)
         shared = []
-        if len(src.users) > 1:
-            shared.append(f"its output also feeds {len(src.users) - 1} other node(s)")
+        chain = [src, *path]
+        for a, b in zip(chain, [*path, site.node]):
+            others = [u for u in value_users(a) if u is not b]
+            if others:
+                shared.append(f"{describe_node(gm, a)} also feeds {len(others)} other node(s)")
         if module_call_count(gm, src.target) > 1:
             shared.append("the layer is called more than once")
         if shared:
-            return FoldPlan("into-producer-copy", f"{src.target}: " + "; ".join(shared), str(src.target), params)
-        return FoldPlan("into-producer", None, str(src.target), params)
-    why_cons, cons = _consumer_reason(gm, site)
+            return FoldPlan("into-producer-copy", f"{src.target}: " + "; ".join(shared), str(src.target), params,
+                            path=path, notes=notes)
+        return FoldPlan("into-producer", None, str(src.target), params, path=path, notes=notes)
+    why_cat, sources = _cat_reason(gm, site)
+    if why_cat is None:
+        return FoldPlan("into-producers", None, ", ".join(str(v.target) for v in sources), params, sources=sources)
+    if why_cat != "not a concatenation":
+        why_prod = why_cat
+    why_cons, cons, path = _consumer_reason(gm, site)
     if why_cons is None:
         assert cons is not None
-        return FoldPlan("into-consumer", why_prod, str(cons.target), params)
-    return FoldPlan("affine", f"{why_prod}; and forward: {why_cons}", params=params)
+        notes = [f"through {', '.join(describe_node(gm, v) for v in path)} (identity in eval)"] if path else []
+        return FoldPlan("into-consumer", why_prod, str(cons.target), params, path=path, notes=notes)
+    why_merge, merge = _merge_reason(gm, site)
+    if why_merge is None:
+        assert merge is not None
+        names = ", ".join(str(v.target) for v in merge.others)
+        notes = [f"identity BatchNorm{' and ' + names if names else ''} merged into {merge.main.target}"]
+        return FoldPlan("merged", None, str(merge.main.target), params, merge=merge, notes=notes)
+    return FoldPlan("affine", f"{why_prod}; forward: {why_cons}; merge: {why_merge}", params=params)
