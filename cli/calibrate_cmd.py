@@ -22,3 +22,11 @@ TemperatureOpt = Annotated[float, typer.Option("--temperature", help="recovery: 
 FeatureWeightOpt = Annotated[float, typer.Option("--feature-weight", help="recovery: weight of the per-layer feature matching at swapped sites (0 = logits only).")]
 TargetAgreementOpt = Annotated[float | None, typer.Option("--target-agreement", help="recovery: stop once top-1 agreement on the calibration data reaches this.")]
 NoAugmentOpt = Annotated[bool, typer.Option("--no-augment", help="recovery: train on the calibration batches as they are (no mixup / shifts).")]
+OutputKindOpt = Annotated[str | None, typer.Option(
+    "--output-kind", help="what the model outputs: logits, probabilities (softmax), multilabel (sigmoid), regression or "
+    "dense (per-pixel logits); chooses the distillation loss and the agreement measures (default: detected from the "
+    "original's outputs on the calibration data).", show_default=False)]
+HeldoutOpt = Annotated[str | None, typer.Option(
+    "--heldout", help="held-out data for every agreement number (same forms as --calib); default: the model's known "
+    "held-out set (the bundled digits test split), else 20% of the calibration data, split with a fixed seed.",
+    show_default=False)]

@@ -24,8 +24,10 @@ from .calibrate_cmd import (
     CalibBatchOpt,
     CalibSamplesOpt,
     FeatureWeightOpt,
+    HeldoutOpt,
     LrOpt,
     NoAugmentOpt,
+    OutputKindOpt,
     RecoverBatchOpt,
     SeedOpt,
     TargetAgreementOpt,
@@ -90,6 +92,8 @@ def recover(
     trust_spec: TrustSpecOpt = False,
     trust_pickle: TrustOpt = False,
     no_strict: NoStrictOpt = False,
+    output_kind: OutputKindOpt = None,
+    heldout: HeldoutOpt = None,
     keep_last: Annotated[bool, typer.Option("--keep-last", help="save the last step even when it agrees less with the original than the saved conversion.")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -108,7 +112,7 @@ def recover(
         recover_batch=recover_batch, lr=lr, temperature=temperature, feature_weight=feature_weight, seed=seed,
         target_agreement=target_agreement, augment=not no_augment, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=not no_resume, keep_last=keep_last, out=out, report=report,
-        progress=progress_for(json_out), write=is_main_process(),
+        progress=progress_for(json_out), write=is_main_process(), output_kind=output_kind, heldout=heldout,
     )
     if json_out:
         print_json(result.to_dict())

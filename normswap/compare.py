@@ -7,7 +7,10 @@ per target:
 * ``latency_vs_fold`` — onnxruntime CPU latency at batch 1 relative to the BN-folded model (each exported
   with :func:`normswap.export_onnx`; timed round-robin, best of several rounds, so load on the machine
   hits all targets alike);
-* ``agreement`` / ``rel_err`` — top-1 agreement and output relative error against the original, after
+* ``agreement`` / ``rel_err`` — the output kind's quality (:mod:`normswap.kinds`: top-1 agreement for a
+  classifier, label agreement for multilabel, R² for regression, pixel agreement for dense; all its
+  measures in ``measures``) and the output relative error against the original, on held-out data
+  (``heldout``, else 20% of ``calib`` held out by a seeded split — calibration fits the rest), after
   calibration when calibration data is given (else of the naive swap, on random inputs);
 * ``drift_mean`` / ``drift_max`` — the per-layer drift (:func:`normswap.calibrate.layer_drift`);
 * ``batch_independent`` — :func:`normswap.checks.batch_independence`: in *training* mode, a sample's
@@ -61,9 +64,12 @@ class CompareRow:
     exact_promised: bool | None = None
     naive_rel_err: float | None = None
     calibrated: bool = False
+    measures: dict[str, float | None] = field(default_factory=dict)  # every measure of the output kind
+    plain_gn: int = 0  # gn-ws: sites that got GN without weight standardization (no plain conv feeds only that BN)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        d["measures"] = {k: None if v is None else float(f"{v:.6g}") for k, v in self.measures.items()}
         for k in ("latency_ms", "latency_vs_fold", "agreement", "rel_err", "drift_mean", "drift_max", "batch_rel_diff", "naive_rel_err"):
             if d[k] is not None:
                 d[k] = float(f"{d[k]:.6g}")
@@ -214,10 +220,12 @@ class CompareReport:
     eval_data: str = "held-out"  # held-out | calibration | random: what ``evaluated_on`` is
     latency_budget: float = LATENCY_BUDGET
     batch_sweep: BatchSweep | None = None  # with ``compare_targets(..., batch_sizes=...)``
+    measure: str = "top-1 agreement"  # what ``agreement`` is: the output kind's quality
+    output_kind: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "input_shape": self.input_shape, "evaluated_on": self.evaluated_on,
-             "eval_data": self.eval_data, "targets": [r.to_dict() for r in self.rows], "notes": list(self.notes),
+             "eval_data": self.eval_data, "measure": self.measure, "output_kind": self.output_kind, "targets": [r.to_dict() for r in self.rows], "notes": list(self.notes),
              "latency_budget": self.latency_budget, "recommendation": self.recommendation()}
         if self.batch_sweep is not None:
             d["batch_sweep"] = self.batch_sweep.to_dict()
@@ -225,7 +233,7 @@ class CompareReport:
 
     def recommended(self) -> CompareRow | None:
         """Among the batch-independent norm targets that worked (``fold`` is the baseline, not a norm),
-        the best quality — top-1 agreement with the original when measured, else the lowest output
+        the best quality — the output kind's measure (:attr:`measure`) when measured, else the lowest output
         relative error — within :attr:`latency_budget` × the fold latency when latency was measured."""
         return self._pick()[0]
 
@@ -260,12 +268,19 @@ class CompareReport:
         how = "exact" if best.exact_promised else ("calibrated" if best.calibrated else "naive swap")
         data = {"held-out": "held-out", "calibration": "on the calibration data", "random": "on random inputs"}.get(self.eval_data, self.eval_data)
         if by_agreement and best.agreement is not None:
-            quality = f"best top-1 agreement {best.agreement:.4f}"
+            quality = f"best {self.measure} {best.agreement:.4f}"
         else:
             quality = "lowest output rel err " + ("—" if best.rel_err is None else f"{best.rel_err:.2g}")
         line = f"recommended: {best.target} — {quality} ({how}, {data}) among batch-independent targets"
         if timed:
-            line += f" within {budget:.1f}× fold latency ({best.latency_vs_fold:.2f}×)"
+            line += f" within the {budget:.1f}× fold latency budget ({best.latency_vs_fold:.2f}×)"
+            over = [r for r in indep if r not in fits]
+            better = [r for r in over if by_agreement and r.agreement is not None and best.agreement is not None
+                      and r.agreement > best.agreement]
+            if better:
+                b = max(better, key=lambda r: r.agreement or 0.0)
+                line += (f"; {b.target} scores higher ({b.agreement:.4f}) but costs {b.latency_vs_fold:.2f}× "
+                         f"(over budget: --latency-budget {math.ceil((b.latency_vs_fold or 0) * 10) / 10:.1f} admits it)")
         else:
             line += " (latency not measured)"
         return best, line
@@ -312,6 +327,8 @@ class CompareReport:
             sites = f"{r.swapped}"
             if r.refused:
                 sites = f"{r.swapped} {ref(f'{r.target}: {r.refused} site(s) refused, left as they were')}"
+            if r.plain_gn:
+                sites += f" {ref(f'{r.target}: {r.plain_gn} of them got GN without weight standardization (no plain conv feeds only that BN)')}"
             if r.batch_independent is None:
                 bi: Any = "—"
             elif r.batch_independent:
@@ -328,7 +345,7 @@ class CompareReport:
             Column("sites", justify="right", drop=1),
             Column("params", justify="right", drop=4),
             Column("ORT\nlatency", justify="right"),
-            Column("top-1\nagree", justify="right"),
+            Column(self.measure.replace(" ", "\n", 1), justify="right"),
             Column("out rel\nerr", justify="right"),
             Column("drift\nmean/max", justify="right", drop=5),
             Column("batch-\nindep.", justify="left"),
@@ -337,11 +354,13 @@ class CompareReport:
         ]
         foot: list[Any] = [Text(f"({i}) {n}", style="red" if n in failures else "dim") for n, i in notes.items()]
         if any(r.calibrated for r in self.rows):
-            foot.append(Text("* after calibration; top-1 agree and out rel err are against the original on "
+            foot.append(Text(f"* after calibration; {self.measure} and out rel err are against the original on "
                              f"{self.evaluated_on}; ORT latency is relative to fold", style="dim"))
         else:
-            foot.append(Text(f"top-1 agree and out rel err are against the original on {self.evaluated_on}; "
+            foot.append(Text(f"{self.measure} and out rel err are against the original on {self.evaluated_on}; "
                              "ORT latency is relative to fold", style="dim"))
+        if self.output_kind:
+            foot.append(Text(self.output_kind, style="dim"))
         table = FittedTable(columns, rows, title=f"{self.model}: norm targets compared", footnotes=foot)
         line = self.recommendation()
         rec = Text(line, style="bold green" if best is not None else "yellow")
@@ -387,6 +406,9 @@ def compare_targets(
     progress: Any = None,
     batch_sizes: Sequence[int] | str | None = None,
     batch_samples: int = BATCH_SAMPLES,
+    output_kind: Any = None,
+    heldout_fraction: float | None = None,
+    split_seed: int | None = None,
 ) -> CompareReport:
     """Rewrite ``original`` to each of ``targets`` and measure them (see the module docstring).
 
@@ -417,19 +439,29 @@ def compare_targets(
         raise InputError(f"--batch-samples {batch_samples} must be a positive integer")
     x1 = x[:1]
     kind = "held-out"
+    if heldout is None and calib is not None and heldout_fraction != 0:
+        from .heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
+
+        split = split_heldout(calib, HELDOUT_FRACTION if heldout_fraction is None else heldout_fraction,
+                              HELDOUT_SEED if split_seed is None else split_seed)
+        calib, heldout, heldout_name = split.calib, split.heldout, heldout_name or split.describe()
     if heldout is None and calib is not None:
-        heldout, heldout_name, kind = calib, heldout_name or "the calibration data", "calibration"
+        heldout, heldout_name, kind = calib, heldout_name or "the calibration data (not held out)", "calibration"
     if heldout is None:
         g = torch.Generator().manual_seed(0)
         heldout = [torch.randn((8, *x.shape[1:]), generator=g)]
         heldout_name, kind = "8 random inputs (no --calib: naive swaps)", "random"
     eval_data = list(as_batches(heldout))
+    from .kinds import detect
+
+    outputs = detect(original, eval_data, output_kind, max_batches=1)
     rep = CompareReport(model=model_name, input_shape=list(x.shape), evaluated_on=heldout_name or "held-out data",
-                        eval_data=kind, latency_budget=latency_budget)
+                        eval_data=kind, latency_budget=latency_budget, measure=outputs.label,
+                        output_kind=outputs.describe())
     models: dict[str, nn.Module] = {}
     for t in (["fold"] if latency and "fold" not in targets else []) + targets:
         with progress.stage(t, detail="" if t in targets else "latency reference") as task:
-            row = _measure(original, t, t in targets, x, x1, known, calib, eval_data, groups, models, task)
+            row = _measure(original, t, t in targets, x, x1, known, calib, eval_data, groups, models, task, outputs)
         if row is not None:
             rep.rows.append(row)
     if latency and "fold" in models:
@@ -456,12 +488,13 @@ def compare_targets(
         rep.notes.append("the fold rewrite failed: no latency reference")
     if sizes is not None:
         rep.batch_sweep = _sweep(original, [r for r in rep.rows if r.status == "ok"], models, sizes, batch_samples,
-                                 eval_data, kind, x, heldout_name, progress)
+                                 eval_data, kind, x, heldout_name, progress,
+                                 classifier=outputs.kind.name in ("logits", "probabilities"))
     return rep
 
 
 def _sweep(original: nn.Module, rows: list[CompareRow], models: dict[str, nn.Module], sizes: list[int], n: int,
-           eval_data: list[Any], kind: str, x: Tensor, name: str | None, progress: Any) -> BatchSweep:
+           eval_data: list[Any], kind: str, x: Tensor, name: str | None, progress: Any, classifier: bool = True) -> BatchSweep:
     from .checks import batch_dependence, reference_outputs
 
     notes = []
@@ -490,12 +523,16 @@ def _sweep(original: nn.Module, rows: list[CompareRow], models: dict[str, nn.Mod
     for target, model, calibrated in [(ORIGINAL, original, False)] + [(r.target, models[r.target], r.calibrated) for r in rows]:
         with progress.stage("batch", total=len(sizes), detail=f"{target}: training mode at batch {','.join(map(str, sizes))}") as task:
             points = batch_dependence(model, inputs, sizes, reference=ref, task=task)
+        if not classifier:  # top-1 means nothing for multilabel / regression / dense outputs: the rel err says it
+            for p in points:
+                p.top1_agreement = None
         sweep.rows.append(SweepRow(target=target, points=points, calibrated=calibrated))
     return sweep
 
 
 def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, known: dict[str, Any], calib: Any,
-             eval_data: list[Any], groups: int | None, models: dict[str, nn.Module], task: Any) -> CompareRow | None:
+             eval_data: list[Any], groups: int | None, models: dict[str, nn.Module], task: Any,
+             outputs: Any = None) -> CompareRow | None:
     """Rewrite to target ``t`` and measure it (its model goes into ``models`` for the timing); None for
     the fold latency reference the caller did not ask for."""
     from .checks import batch_independence
@@ -513,18 +550,21 @@ def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, k
     row.swapped = sum(a.rewritten for a in conv.actions)
     row.refused = sum(not a.rewritten for a in conv.actions)
     row.params = sum(p.numel() for p in conv.model.parameters())
+    if t == "gn-ws":  # as convert's summary line says it
+        row.plain_gn = sum(any("GN without weight standardization" in n for n in (a.to_dict().get("notes") or [])) for a in conv.actions)
     tgt = known[t]
     row.exact_promised = True if tgt is None else bool(tgt.exact)
     sites = [] if t == "fold" else None  # None: every swapped site
     task.advance(0, step="agreement")
-    after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
+    after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv, output_kind=outputs)
     row.naive_rel_err = after["rel_err"]
     if calib is not None and not row.exact_promised and t != "fold":
         task.advance(0, step="calibrate")
-        calibrate(original, conv, calib)
+        calibrate(original, conv, calib, output_kind=outputs, heldout=eval_data)
         row.calibrated = True
-        after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv)
-    row.agreement, row.rel_err = after["top1_agreement"], after["rel_err"]
+        after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv, output_kind=outputs)
+    row.agreement, row.rel_err = after.quality, after["rel_err"]
+    row.measures = {k: v for k, v in after.items() if k != "rel_err"}
     if t != "fold" and drift:
         row.drift_mean = sum(drift.values()) / len(drift)
         row.drift_max = max(drift.values())

@@ -305,7 +305,8 @@ def test_without_readout_refit_calibration_alone_still_helps(original, heldout, 
     conv = swap_digits(original, "ln")
     head = conv.model.head[3].weight.detach().clone()
     rep = calibrate(original, conv, calib, readout=False)
-    assert torch.equal(conv.model.head[3].weight, head) and rep.readout is None
+    assert torch.equal(conv.model.head[3].weight, head) and not rep.readout["refit"]
+    assert rep.readout["note"] == "no readout refit: turned off (readout=False)"  # said, not a silent null
     assert agreement(original, conv.model, heldout[0])["top1_agreement"] >= 0.97
 
 
@@ -332,7 +333,7 @@ def test_exact_targets_are_left_alone(original, calib):
         assert {s.status for s in rep.sites} == {"exact"}
         after = conv.model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
-        assert rep.readout is None
+        assert not rep.readout["refit"] and "no swapped site to calibrate" in rep.readout["note"]
 
 
 def test_batch_instance_norm_gates_closed_form():
@@ -414,7 +415,8 @@ def test_deterministic_and_site_subset(original, calib):
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
     c = swap_digits(original, "gn")
     rep = calibrate(original, c, calib, sites=["stem.1"])
-    assert [s.site for s in rep.sites] == ["stem.1"] and rep.readout is None
+    assert [s.site for s in rep.sites] == ["stem.1"] and not rep.readout["refit"]
+    assert rep.readout["note"] == "no readout refit: only the given sites are calibrated"
     assert torch.equal(c.model.layer1.bn1.weight, swap_digits(original, "gn").model.layer1.bn1.weight)
     with pytest.raises(InputError, match="not swapped sites"):
         calibrate(original, c, calib, sites=["nope"])

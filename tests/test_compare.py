@@ -128,3 +128,37 @@ def test_dp_training_example_runs():
     assert out["accuracy"] > 0.8  # a few DP-SGD steps from the calibrated swap, not from scratch
     refused = mod.main(["--to", "sn", "--steps", "1"])
     assert not refused["ok"] and not refused["independent"]
+
+
+def test_recommendation_uses_the_kinds_measure_within_the_latency_budget():
+    """The quality column is the output kind's measure; the recommendation is the best one within the
+    stated budget, and names a better target over budget with the budget that would admit it."""
+    from normswap.compare import CompareReport, CompareRow
+
+    def row(t, q, lat):
+        return CompareRow(target=t, agreement=q, rel_err=1 - q, latency_vs_fold=lat, batch_independent=True,
+                          exact_promised=False, calibrated=True)
+
+    rep = CompareReport(model="m", input_shape=[1, 2], evaluated_on="20% held out", measure="R²",
+                        rows=[CompareRow(target="fold", latency_vs_fold=1.0), row("gn", 0.90, 1.4), row("ln", 0.97, 2.3), row("sn", 0.80, 1.2)])
+    line = rep.recommendation()
+    assert line.startswith("recommended: gn — best R² 0.9000 (calibrated, held-out) among batch-independent targets "
+                           "within the 2.0× fold latency budget (1.40×)")
+    assert "ln scores higher (0.9700) but costs 2.30× (over budget: --latency-budget 2.3 admits it)" in line
+    rep.latency_budget = 2.5
+    assert rep.recommended().target == "ln"
+
+
+def test_compare_on_a_sigmoid_model_measures_label_agreement_held_out():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 3), nn.Sigmoid()).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-0.2, 0.2)
+        m[1].running_var.uniform_(0.5, 2)
+    x, _ = load_digits("train")
+    calib = calibration_batches(x[:200], batch=50)
+    rep = compare_targets(m, ["ln", "gn"], (x[:1],), calib=calib, latency=False, groups=2)
+    assert rep.measure == "label agreement @0.5" and rep.evaluated_on.startswith("20% of the calibration data held out")
+    assert all(set(r.measures) == {"label_agreement", "mae"} and r.agreement == r.measures["label_agreement"] for r in rep.rows)
+    assert "best label agreement @0.5" in rep.recommendation()

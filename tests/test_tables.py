@@ -140,7 +140,8 @@ def test_compare_table_fits_80_columns_whole():
     assert "(1) in: 1 site(s) refused" in f
     assert "(2) sn failed: SwitchNorm needs a 4-D input at 'fc' but the site sees [N, C]" in f
     rec = ("recommended: ln — best top-1 agreement 0.9956 (calibrated, held-out) among batch-independent targets "
-           "within 2.0× fold latency (1.61×)")
+           "within the 2.0× fold latency budget (1.61×); ln-channels scores higher (0.9981) but costs 2.39× "
+           "(over budget: --latency-budget 2.4 admits it)")
     assert rec in f
     assert rep.recommended().target == "ln" and rep.to_dict()["recommendation"] == rec
     wide = render(rep, width=160)

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from normswap.defaults import DEFAULT_CALIB_BATCH
 from normswap.progress import NullProgress
 
-from .stages import example_input, example_shape, heldout_for, load_stage, spec_file
+from .stages import example_input, example_shape, load_stage, spec_file
 
 __all__ = ["run_comparison"]
 
@@ -35,11 +35,17 @@ def run_comparison(
     batch_sizes: Sequence[int] | str | None = None,
     batch_samples: int = 256,
     plot: str | Path | None = None,
+    output_kind: str | None = None,
+    heldout: Any = None,
+    latency_budget: float | None = None,
 ) -> Any:
     """Every requested target side by side on one model (:func:`normswap.compare.compare_targets`):
     the same validate → load stages as :func:`run_conversion`, calibration data and held-out data
     chosen the same way, the report written last. ``batch_sizes`` / ``batch_samples``: the batch-size
-    sweep (passed through); ``plot``: its PNG, written with the report."""
+    sweep (passed through); ``plot``: its PNG, written with the report. ``heldout`` (``--heldout DATA``):
+    the held-out data every quality number is measured on (default: the model's known held-out set, else
+    20% of the calibration data, seeded); ``output_kind``: see :mod:`normswap.kinds`;
+    ``latency_budget``: the recommendation's limit, × the folded model's latency (default 2.0)."""
     from normswap import validate
     from normswap.compare import batch_sizes_from, compare_targets
     from normswap.errors import InputError
@@ -49,13 +55,18 @@ def run_comparison(
     if not names:
         raise InputError("--targets is empty; e.g. --targets fold,gn-ws,ln,sn")
     validate.options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, runs=runs, threads=threads)
+    from normswap.heldout import check_options
+
+    check_options(output_kind, heldout, calib)
+    if latency_budget is not None:
+        validate.finite_positive("--latency-budget", latency_budget)
     sizes = None if batch_sizes is None else batch_sizes_from(batch_sizes)
     if sizes is not None:
         validate.positive_int("--batch-samples", batch_samples)
     elif plot is not None:
         raise InputError("--plot draws the batch-size sweep; add --batch-sizes (e.g. --batch-sizes 1,2,8,32)")
     validate.output_paths({"--report": report, "--plot": plot}, {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None,
-                                                  "MODEL": spec_file(model)})
+                                                  "MODEL": spec_file(model), "--heldout": heldout if isinstance(heldout, (str, Path)) else None})
     with progress.stage("load", detail=str(model) if isinstance(model, str) else ""):
         loaded = load_stage(model, args=args, weights=weights, trust_pickle=trust_pickle, strict=strict)
     for n in loaded.notes:
@@ -67,13 +78,16 @@ def run_comparison(
         from normswap.data import calibration_batches
 
         data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model)
-        heldout, hname = heldout_for(model, loaded)
-        if heldout is not None:
+        from normswap.heldout import heldout_data
+
+        heldout, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
+        if isinstance(heldout, tuple) and len(heldout) == 2:  # labelled (x, y): the inputs
             hx = heldout[0]
             heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]
     rep = compare_targets(loaded.model, names, (x,), calib=data, heldout=heldout, heldout_name=hname, groups=groups,
                           latency=latency, runs=runs, threads=threads, progress=progress,  # one stage per target
-                          batch_sizes=sizes, batch_samples=batch_samples,
+                          batch_sizes=sizes, batch_samples=batch_samples, output_kind=output_kind,
+                          **({} if latency_budget is None else {"latency_budget": latency_budget}),
                           model_name=loaded.spec or ("bundled digits ResNet" if isinstance(model, (str, type(None))) else type(loaded.model).__name__))
     if plot is not None and write and rep.batch_sweep is not None:
         rep.batch_sweep.save_plot(plot)

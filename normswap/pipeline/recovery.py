@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_LR
 from normswap.progress import NullProgress
 
-from .stages import heldout_for, load_stage, spec_file
+from .stages import load_stage, spec_file
 from .verdict import Verdict
 
 __all__ = ["RecoveryResult", "run_recovery"]
@@ -23,9 +23,11 @@ class RecoveryResult:
     to: str
     recovery: Any
     saved: str | None
-    before: float | None  # the measure that decides "better": held-out top-1 agreement when known,
-    after: float | None   # else top-1 agreement on the calibration data
+    before: float | None  # the measure that decides "better": the output kind's quality (top-1 agreement for a
+    after: float | None   # classifier, R² for regression, ...) on held-out data
     measured_on: str
+    measure: str = "top-1 agreement"
+    output_kind: str | None = None
     heldout: dict[str, Any] | None = None
     checkpoints: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -33,9 +35,9 @@ class RecoveryResult:
     @property
     def verdict(self) -> Verdict:
         if self.saved is None:
-            return Verdict("CONVERTED", f"recovery did not improve agreement on {self.measured_on} ({_f(self.before)} → {_f(self.after)}): "
-                                        "the saved conversion was kept (pass --keep-last to save it anyway)")
-        return Verdict("CONVERTED", f"function changed: top-1 agreement {_f(self.after)} on {self.measured_on} "
+            return Verdict("CONVERTED", f"recovery did not improve held-out {self.measure} on {self.measured_on} ({_f(self.before)} → "
+                                        f"{_f(self.after)}): the saved conversion was kept (pass --keep-last to save it anyway)")
+        return Verdict("CONVERTED", f"function changed: held-out {self.measure} {_f(self.after)} on {self.measured_on} "
                                     f"(was {_f(self.before)}); saved to {self.saved}")
 
     def __bool__(self) -> bool:
@@ -43,7 +45,8 @@ class RecoveryResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"saved": self.saved, "to": self.to, "recovery": self.recovery.to_dict(), "measured_on": self.measured_on,
-                "agreement_before": self.before, "agreement_after": self.after, "heldout": self.heldout,
+                "agreement_before": self.before, "agreement_after": self.after, "measure": self.measure,
+                "output_kind": self.output_kind, "heldout": self.heldout,
                 "checkpoints": self.checkpoints, "notes": list(self.notes), "verdict": self.verdict.to_dict()}
 
     def __rich__(self) -> Any:
@@ -54,8 +57,10 @@ class RecoveryResult:
         parts += [Text(f"note: {n}", style="yellow") for n in [*self.recovery.notes, *self.notes]]
         if self.heldout is not None:
             h = self.heldout
-            parts.append(Text(f"on {h['data']}: top-1 agreement {h['top1_agreement']:.4f}, accuracy {h['accuracy']:.4f} "
-                              f"(original {h['original_accuracy']:.4f})"))
+            line = f"on {h['data']}: {h['measures']}"
+            if h.get("accuracy") is not None:
+                line += f", {h['truth']} {h['accuracy']:.4f} (original {h['original_accuracy']:.4f})"
+            parts.append(Text(line))
         parts.append(Text(self.verdict.line, style="bold green"))
         return Group(*parts)
 
@@ -92,11 +97,16 @@ def run_recovery(
     report: str | Path | None = None,
     progress: Any = None,
     write: bool = True,
+    output_kind: str | None = None,
+    heldout: Any = None,
 ) -> RecoveryResult:
     """Distil the original into a saved (swapped) conversion and save it back — only if top-1
     agreement with the original improved (held-out data when normswap knows it, else the calibration
     data), unless ``keep_last``. The original is ``model`` (a module or spec); without it, the bundled
-    model, or the spec the record names only with ``trust_spec`` (a saved directory is data)."""
+    model, or the spec the record names only with ``trust_spec`` (a saved directory is data).
+    ``heldout`` (``--heldout DATA``): the held-out data; default: the model's known held-out set, else
+    20% of the calibration data (seeded split; recovery trains on the rest). ``output_kind``: see
+    :mod:`normswap.kinds` (default: detected)."""
     from normswap import validate
     from normswap.calibrate import accuracy, agreement
     from normswap.data import calibration_batches
@@ -111,9 +121,13 @@ def run_recovery(
     validate.options(steps=steps, calib_samples=calib_samples, calib_batch=calib_batch, recover_batch=recover_batch, lr=lr,
                      temperature=temperature, feature_weight=feature_weight, checkpoint_every=checkpoint_every,
                      target_agreement=target_agreement)
+    from normswap.heldout import check_options
+
+    check_options(output_kind, heldout, calib)
     validate.output_paths(
         {"--report": report, "--out": out, "--checkpoint-dir": checkpoint_dir},
-        {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model)},
+        {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model),
+         "--heldout": heldout if isinstance(heldout, (str, Path)) else None},
         directories=("--out", "--checkpoint-dir"),
     )
     rec = read_record(saved_dir)  # validated, weights hash checked; runs nothing
@@ -140,12 +154,24 @@ def run_recovery(
                 f"the original model for {saved_dir} builds random weights on every load, so it is not the model that was "
                 "converted; pass --weights FILE (the weights it was converted from) or the spec's pretrained argument")
         conv = load_conversion(saved_dir, model=teacher.model, record=rec)  # rewrites a copy: the teacher stays as it is
+    from normswap.heldout import heldout_data, split_heldout
+    from normswap.kinds import detect
+
+    plain_gn = 0
+    if conv.to == "gn-ws":  # as convert's summary line says it
+        plain_gn = sum(any("GN without weight standardization" in n for n in (a.to_dict().get("notes") or [])) for a in conv.actions)
     data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=teacher.model)
-    heldout, hname = heldout_for(model, teacher)
-    hx = heldout[0] if heldout is not None else None
+    held, hname = heldout_data(heldout, model, teacher, batch=calib_batch)
+    labelled = isinstance(held, tuple) and len(held) == 2
+    split = None
+    if held is None:  # no held-out set known: hold out 20% of the calibration data, train on the rest
+        split = split_heldout(data)
+        data, held, hname = split.calib, split.heldout, split.describe()
+    hx = held[0] if labelled else held
+    outputs = detect(teacher.model, hx, output_kind, max_batches=1)
 
     def measure() -> float | None:
-        return agreement(teacher.model, conv.model, hx)["top1_agreement"] if hx is not None else None
+        return agreement(teacher.model, conv.model, hx, output_kind=outputs).quality
 
     before_state = {k: v.detach().clone() for k, v in conv.model.state_dict().items()}
     before = measure()
@@ -154,25 +180,31 @@ def run_recovery(
     rep = recover(teacher.model, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
                   seed=seed, augment=augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every, resume=resume,
                   target_agreement=target_agreement, progress=progress, batch_size=recover_batch,
-                  heldout=hx, keep_best=not keep_last)
+                  heldout=hx, keep_best=not keep_last, output_kind=outputs)
     after = measure()
-    where = hname or "the calibration data"
-    if hx is None:
-        before, after = rep.agreement_before.get("top1_agreement"), rep.agreement_after.get("top1_agreement")
+    where = hname or "held-out data"
     worse = before is not None and after is not None and after < before
-    result = RecoveryResult(to=conv.to, recovery=rep, saved=None, before=before, after=after, measured_on=where, checkpoints=str(ckdir))
+    result = RecoveryResult(to=conv.to, recovery=rep, saved=None, before=before, after=after, measured_on=where, checkpoints=str(ckdir),
+                            measure=outputs.label, output_kind=outputs.describe())
+    if plain_gn:
+        result.notes.append(f"{plain_gn} of the {sum(a.action == 'swapped' for a in conv.actions)} swapped site(s) got GN without "
+                            "weight standardization (no plain conv feeds only that BN)")
     if worse and not keep_last:
         conv.model.load_state_dict(before_state)
-        result.notes.append(f"recovery lowered top-1 agreement on {where} ({before:.4f} → {after:.4f}); the saved conversion "
+        result.notes.append(f"recovery lowered held-out {outputs.label} on {where} ({before:.4f} → {after:.4f}); the saved conversion "
                             "was left as it was (--keep-last saves the last step anyway)")
     elif write:
         dest = Path(out) if out is not None else saved_dir
         save_conversion(conv, dest)
         result.saved = str(dest)
-    if heldout is not None:
-        x, y = heldout
-        result.heldout = {"data": hname, "top1_agreement": agreement(teacher.model, conv.model, x)["top1_agreement"],
-                          "accuracy": accuracy(conv.model, x, y), "original_accuracy": accuracy(teacher.model, x, y)}
+    m = agreement(teacher.model, conv.model, hx, output_kind=outputs)
+    result.heldout = {"data": hname, **{k: v for k, v in m.items()}, "measures": m.describe(),
+                      "split": None if split is None else split.to_dict(), "truth": outputs.kind.truth_label,
+                      "accuracy": None, "original_accuracy": None}
+    if labelled:
+        x, y = held
+        result.heldout.update(accuracy=accuracy(conv.model, x, y, output_kind=outputs),
+                              original_accuracy=accuracy(teacher.model, x, y, output_kind=outputs))
     if report is not None and write:
         import json
 
