@@ -38,7 +38,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="stat
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled file that can execute code. Only for files you trust.")]
 NoStrictOpt = Annotated[bool, typer.Option("--no-strict", help="load only the weights that fit; report the missing/unexpected keys.")]
 ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", "-s", help="example input shape, e.g. 1,3,224,224 (default: the model's own, else 1,3,224,224).")]
-SamplesOpt = Annotated[Optional[str], typer.Option("--samples", help="extra parity inputs: a tensor [N, ...] in .pt/.npy/.safetensors.")]
+SamplesOpt = Annotated[Optional[str], typer.Option("--samples", help="extra parity inputs: a tensor [N, ...] in .pt/.npy/.safetensors (convert: also a folder of images).")]
 AtolOpt = Annotated[float, typer.Option("--atol", help="parity: absolute tolerance (pass when max|err| <= atol + rtol * max|reference|).")]
 RtolOpt = Annotated[float, typer.Option("--rtol", help="parity: tolerance relative to the output's scale.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON on stdout instead of tables.")]

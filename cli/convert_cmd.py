@@ -14,7 +14,9 @@ from .calibrate_cmd import (
     CalibBatchOpt,
     CalibOpt,
     CalibSamplesOpt,
+    HeldoutOpt,
     LrOpt,
+    OutputKindOpt,
     RecoverBatchOpt,
     RecoverStepsOpt,
     SeedOpt,
@@ -67,8 +69,11 @@ def convert(
     calib_batch: CalibBatchOpt = DEFAULT_CALIB_BATCH,
     recover_steps: RecoverStepsOpt = 0,
     recover_batch: RecoverBatchOpt = None,
+    output_kind: OutputKindOpt = None,
+    heldout: HeldoutOpt = None,
     seed: SeedOpt = 0,
     lr: LrOpt = DEFAULT_LR,
+    images: Annotated[Optional[int], typer.Option("--images", help="the model takes a list of this many images (C,H,W from --input-shape); torchvision detectors are recognised and default to 1. The ONNX takes exactly that many.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or bfloat16: convert and verify a half-precision copy (fold only; default: the model's own dtype).")] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -86,6 +91,7 @@ def convert(
         exporter=exporter, opset=opset, atol=atol, rtol=rtol, keep_failed=keep_failed, calib=calib,
         calib_samples=calib_samples, calib_batch=calib_batch, recover_steps=recover_steps, recover_batch=recover_batch,
         seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out), dtype=dtype,
+        images=images, output_kind=output_kind, heldout=heldout,
     )
     if json_out:
         print_json(result.to_dict())

@@ -1,8 +1,8 @@
 """The ``normswap`` command.
 
 Exit codes: 0 success · 1 unexpected internal error · 2 bad input (missing/corrupt file, bad model
-spec, wrong keys, untrusted pickle, bad shape, refused rewrite) · 3 parity failed · 130
-interrupted (Ctrl-C).
+spec, wrong keys, untrusted pickle, bad shape, refused rewrite) · 3 parity failed · 4 nothing
+compared · 5 the ONNX export failed (the rewrite is still checked and saved) · 130 interrupted (Ctrl-C).
 
 Importing this module is cheap: typer and the commands are imported inside :func:`main` (or on
 first access to :data:`app`), so that a Ctrl-C while they load is caught like one during a command:
@@ -42,7 +42,7 @@ def build_app() -> Any:
         name="normswap",
         help="Rewrite the normalization layers of trained PyTorch networks: fold BatchNorm for deployment, "
         "or swap it for batch-independent norms; export to ONNX and verify parity.\n\n"
-        "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 parity failed.",
+        "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 parity failed, 4 nothing compared, 5 ONNX export failed.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,

@@ -68,7 +68,9 @@ from torch import Tensor, nn
 
 from normswap.atomic import default_file_mode, staging_dir
 from normswap.errors import InputError, NormswapError
-from normswap.parity import compare, flatten_outputs, make_session, session_feed
+from normswap.parity import flatten_outputs, make_session, session_feed
+from normswap.parity.rule import judge
+from normswap.parity.running import _clone_inputs
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -392,9 +394,9 @@ def _batch_inputs(example: tuple[Tensor, ...], batch: int, seed: int) -> tuple[T
     return tuple(out)
 
 
-def _eager(model: nn.Module, xs: tuple[Tensor, ...]) -> Any:
+def _eager(model: nn.Module, xs: tuple[Any, ...]) -> Any:
     with torch.no_grad():
-        return model(*(x.clone() for x in xs))
+        return model(*_clone_inputs(xs))
 
 
 def _export_torchscript(
@@ -474,7 +476,7 @@ def _check_and_verify(
         raise NormswapError(f"the exported model has {len(sess.get_outputs())} outputs but torch returns {n_outputs}")
     if not verify:
         return [], None, ir_version, op_counts
-    batches = list(VERIFY_BATCHES) if dynamic_batch else [int(example[0].shape[0])]
+    batches = list(VERIFY_BATCHES) if dynamic_batch else [len(example[0]) if isinstance(example[0], (list, tuple)) else int(example[0].shape[0])]
     worst = 0.0
     for b in batches:
         if b not in refs:
@@ -485,11 +487,14 @@ def _check_and_verify(
             got = sess.run(None, session_feed(sess, xs))
         except Exception as e:
             raise NormswapError(f"onnxruntime fails on the exported model at batch {b}: {_root_cause(e)}") from e
-        for s in compare(ref, got, pair="torch↔onnxruntime", batch=b, atol=VERIFY_ATOL, rtol=VERIFY_RTOL):
+        # judge: an output the model itself changes under float32 noise (a detector's post-NMS boxes)
+        # is "not comparable", never a failure of the export
+        stats, _ = judge(model, ref, got, xs, pair="torch↔onnxruntime", batch=b, atol=VERIFY_ATOL, rtol=VERIFY_RTOL)
+        for s in stats:
             if not s.passed:
                 why = s.note if s.note and not s.note.startswith("exact") else f"max rel err {s.max_rel:.1e}"
                 raise NormswapError(f"the exported model disagrees with torch at batch {b} on {s.output}: {why}")
-            if math.isfinite(s.max_rel):
+            if math.isfinite(s.max_rel) and not s.vacuous:
                 worst = max(worst, s.max_rel)
     return batches, worst, ir_version, op_counts
 
@@ -543,16 +548,28 @@ def export_onnx(
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     example = tuple(example_inputs)
-    if not example or not all(isinstance(x, Tensor) for x in example):
+    # a list of images (torchvision's detectors): one ONNX input per image, at a fixed count and size —
+    # the form torchvision's own ONNX tests export; the batch-doubling trace would hard-wire the count
+    image_list = len(example) == 1 and isinstance(example[0], (list, tuple))
+    if image_list:
+        images = list(example[0])
+        if not images or not all(isinstance(x, Tensor) for x in images):
+            raise InputError("a list input must be a non-empty list of image tensors, e.g. ([torch.rand(3, 320, 320)],)")
+        dynamic_batch = False
+    if not example or not (image_list or all(isinstance(x, Tensor) for x in example)):
         raise InputError("example_inputs must be a non-empty tuple of tensors; pass e.g. (torch.randn(1, 3, 224, 224),)")
     if dynamic_batch and any(x.dim() == 0 for x in example):
         raise InputError("a scalar input has no batch dimension; pass dynamic_batch=False or give it a batch dim")
+    n_inputs = len(example[0]) if image_list else len(example)
     if input_names is None:
-        in_names = ["input"] if len(example) == 1 else [f"input_{i}" for i in range(len(example))]
+        if image_list:
+            in_names = [f"image_{i}" for i in range(n_inputs)]
+        else:
+            in_names = ["input"] if len(example) == 1 else [f"input_{i}" for i in range(len(example))]
     else:
         in_names = [str(n) for n in input_names]
-        if len(in_names) != len(example) or len(set(in_names)) != len(in_names):
-            raise InputError(f"input_names {in_names} must be {len(example)} distinct names, one per example input")
+        if len(in_names) != n_inputs or len(set(in_names)) != len(in_names):
+            raise InputError(f"input_names {in_names} must be {n_inputs} distinct names, one per example input")
 
     dest = Path(path)
     if dest.is_dir():
@@ -566,7 +583,7 @@ def export_onnx(
     try:
         ref = _eager(prepared, trace_args)
     except Exception as e:
-        shapes = ", ".join(str(tuple(x.shape)) for x in trace_args)
+        shapes = ", ".join(str(tuple(x.shape)) for x in torch.utils._pytree.tree_leaves(trace_args) if isinstance(x, Tensor))
         raise InputError(f"the model fails on the example input {shapes}: {_root_cause(e)}; check the input shape") from e
 
     ref_leaves = flatten_outputs(ref)
@@ -581,7 +598,7 @@ def export_onnx(
     clash = set(in_names) & set(out_names)
     if clash:
         raise InputError(f"names {sorted(clash)} are used for both inputs and outputs; rename them")
-    tb = int(trace_args[0].shape[0])
+    tb = len(trace_args[0]) if image_list else int(trace_args[0].shape[0])
     batch_outputs = [n for n, (_, t) in zip(out_names, ref_leaves) if t.dim() > 0 and t.shape[0] == tb]
 
     # exporters handle nested tuple/list/dict outputs natively; only non-tensor leaves need the wrapper
@@ -660,5 +677,5 @@ def _failure_message(errors: list[tuple[str, str]], requested: str) -> str:
         other = "dynamo" if name == "torchscript" else "torchscript"
         return f"ONNX export with the {name} exporter failed: {err}; try --exporter {other}"
     detail = "; ".join(f"{n}: {e}" for n, e in errors)
-    return f"ONNX export failed with every exporter ({detail}); run with --verbose and simplify the model's forward"
+    return f"ONNX export failed with every exporter ({detail}); replace or wrap the operator it names, or simplify the model's forward"
 

@@ -29,8 +29,10 @@ is reported for reading. Defaults: ``DEFAULT_ATOL = 1e-5``, ``DEFAULT_RTOL = 1e-
   passes only when ``max_abs <= tolerance + NOISE_FACTOR * floor``: a rewrite fails when it is
   clearly worse than the original's own rounding, not because the original is badly conditioned
   (a BN with running_mean 1e6) or discontinuous in its input (top-k, NMS). Both numbers are
-  reported. Where even the reference's output *shape* or integer labels move under that noise,
-  the output cannot be judged at this level and counts as nothing compared.
+  reported. Where even the reference's output *shape* or integer labels move under that noise, or
+  the floor exceeds ``NOT_COMPARABLE`` (10%) of the output's scale (near-tied boxes reordering
+  after NMS), the output cannot be judged at this level and counts as nothing compared — a
+  detector is then judged on its pre-post-processing tensors (:mod:`normswap.detection`).
 * Integer and bool outputs must match exactly. All statistics are computed in float64. A shape
   mismatch or a missing output is a failed :class:`OutputStats` with a ``note``, never an exception.
 
@@ -47,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from normswap.defaults import DEFAULT_ATOL, DEFAULT_RTOL
 from normswap.errors import InputError
@@ -168,6 +171,11 @@ def compare_arrays(
     elif unjudgeable and max_abs > tolerance:
         stats.passed, stats.vacuous = True, True
         stats.note = f"not comparable: the {ref_name} model's own output jumps under float32 noise"
+    elif floor is not None and max_abs > tolerance and floor > NOT_COMPARABLE * max(scale, SCALE_FLOOR):
+        # a pass inside a floor this large would prove nothing (near-tied boxes reordering after NMS)
+        stats.passed, stats.vacuous = True, True
+        stats.note = (f"not comparable: the {ref_name} model's own float32 noise moves this output by "
+                      f"{floor:.1e} ({floor / max(scale, SCALE_FLOOR):.0%} of its scale)")
     else:
         stats.passed = bool(max_abs <= stats.allowed)
     if stats.passed and not stats.vacuous:
@@ -176,6 +184,9 @@ def compare_arrays(
         elif r64.size > 1 and bool((r64.ravel() == r64.ravel()[0]).all()):
             stats.vacuous, stats.note = True, "constant output: every value equal, proves nothing"
     return stats
+
+
+NOT_COMPARABLE = 0.1  # a noise floor above this fraction of the output's scale: the output cannot be judged
 
 
 def _vacuous(pair: str, name: str, batch: Batch, shape: tuple[int, ...], scale: float, note: str) -> OutputStats:
@@ -262,11 +273,12 @@ def noise_floor(model: nn.Module, inputs: Sequence[Any], reference_out: Any) -> 
         double = copy.deepcopy(model).double()
     except Exception:  # noqa: BLE001
         double = None
+    # tree_map: a list of images (a detector's input) is nudged image by image
     if double is not None:
-        probe(double, tuple(x.double() if isinstance(x, Tensor) and x.is_floating_point() else x for x in xs))
+        probe(double, pytree.tree_map(lambda x: x.double() if isinstance(x, Tensor) and x.is_floating_point() else x, xs))
         del double
-    nudged = tuple(torch.nextafter(x, torch.full_like(x, math.inf)) if isinstance(x, Tensor) and x.is_floating_point() else x
-                   for x in _clone_inputs(xs))
+    nudged = pytree.tree_map(lambda x: torch.nextafter(x, torch.full_like(x, math.inf))
+                             if isinstance(x, Tensor) and x.is_floating_point() else x, _clone_inputs(xs))
     probe(model, nudged)
     return floors
 

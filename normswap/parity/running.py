@@ -28,7 +28,9 @@ def eval_mode(*models: nn.Module | None) -> Iterator[None]:
 
 
 def _clone_inputs(xs: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(x.clone() if isinstance(x, Tensor) else x for x in xs)
+    """A fresh copy of every tensor, also inside a list of images, so a model that writes into its
+    input cannot change what the next run sees."""
+    return tuple(pytree.tree_map(lambda x: x.clone() if isinstance(x, Tensor) else x, x) for x in xs)
 
 
 def _run_torch(model: nn.Module, xs: tuple[Any, ...]) -> Any:

@@ -79,6 +79,8 @@ def clear_session_cache() -> None:
 def session_feed(sess: Any, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
     """Map positional inputs onto the session's input names, casting floats to the declared type."""
     metas = sess.get_inputs()
+    # a list of images (a detector's input) is one ONNX input per image, in order
+    inputs = [leaf for x in inputs for leaf in (x if isinstance(x, (list, tuple)) else [x])]
     if len(metas) != len(inputs):
         raise InputError(
             f"the ONNX model takes {len(metas)} input(s) ({', '.join(m.name for m in metas)}) but {len(inputs)} were given; "

@@ -27,6 +27,8 @@ EXPORTED            0    a function-changing swap, exported, its ONNX matching i
 CONVERTED           0    the same without an export
 FAILED              3    a parity comparison failed (see :mod:`normswap.parity`)
 NOTHING COMPARED    4    every comparison passed only vacuously (empty/constant outputs)
+NOT EXPORTED        5    the requested ONNX export failed (the line says which part and why);
+                         an exact rewrite is still checked in PyTorch and ``save`` still written
 =================== ==== =================================================================
 
 Bad input is :class:`~normswap.errors.InputError` (exit 2) before anything runs; a real bug is any

@@ -159,6 +159,10 @@ def run_check(
             f"--against {described if args else against} builds random weights on every load, so no export can match it; "
             "pass --weights FILE (the weights the ONNX was exported from) or the spec's pretrained argument"
         )
+    from normswap.detection import takes_image_list
+
+    if takes_image_list(loaded.model):
+        return _check_detector(onnx_file, onnx_inputs, loaded, described, against, samples, atol, rtol)
     shape, shape_src = example_shape(loaded, input_shape)
     single = onnx_inputs[0][1] if len(onnx_inputs) == 1 else None
     if single and input_shape is None and loaded.input_shape is None and all(d is not None for d in single[1:]):
@@ -183,4 +187,29 @@ def run_check(
     info = {"description": described, "bundled_default": against is None, "spec": loaded.spec or DEFAULT_MODEL_SPEC,
             "args": loaded.args, "weights": loaded.weights, "input_shape": list(shape), "input_shape_from": shape_src,
             "notes": list(loaded.notes)}
+    return CheckResult(onnx=str(onnx_file), against=info, parity=res)
+
+
+def _check_detector(onnx_file: Path, onnx_inputs: list[tuple[str, list[int | None]]], loaded: Any, described: str,
+                    against: str | None, samples: Any, atol: float, rtol: float) -> CheckResult:
+    """A detector's ONNX (one fixed-size input per image, as ``convert`` exports it) against the model: the
+    same images through both, the post-processed outputs judged against the model's own noise floor."""
+    from normswap.load import DEFAULT_MODEL_SPEC
+    from normswap.parity import check_parity
+
+    from .image_lists import parity_batches
+
+    dims = [d for _, d in onnx_inputs]
+    if not all(len(d) == 3 and None not in d and d == dims[0] for d in dims):
+        raise InputError(f"{onnx_file} takes {', '.join(f'{n} {_fmt_dims(d)}' for n, d in onnx_inputs)}, but a detector's "
+                         "ONNX takes one fixed C×H×W input per image (as `normswap convert` exports it)")
+    shape = tuple(int(x) for x in dims[0])  # type: ignore[arg-type]
+    batches, notes = parity_batches(shape, len(dims), samples, model=loaded.model)
+    res = check_parity(loaded.model, None, onnx_file, inputs=batches, atol=atol, rtol=rtol)
+    res.notes.extend(notes)
+    res.notes.append("detector: the ONNX holds only the post-processed outputs, judged against the model's own "
+                     "noise floor (a near-tied box that reorders is not comparable, not a pass)")
+    info = {"description": described, "bundled_default": against is None, "spec": loaded.spec or DEFAULT_MODEL_SPEC,
+            "args": loaded.args, "weights": loaded.weights, "input_shape": list(shape), "images": len(dims),
+            "input_shape_from": "the ONNX file's inputs", "notes": list(loaded.notes)}
     return CheckResult(onnx=str(onnx_file), against=info, parity=res)

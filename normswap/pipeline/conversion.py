@@ -11,7 +11,8 @@ from typing import Any, Mapping, Sequence
 from normswap.defaults import DEFAULT_ATOL, DEFAULT_CALIB_BATCH, DEFAULT_LR, DEFAULT_RTOL
 from normswap.progress import NullProgress, Progress
 
-from .stages import BUNDLED_NAME, drift_plot_path, example_input, example_shape, heldout_for, load_stage, spec_file
+from . import image_lists
+from .stages import BUNDLED_NAME, drift_plot_path, example_input, example_shape, load_stage, spec_file
 from .verdict import Verdict, decide
 
 __all__ = ["ConversionResult", "run_conversion"]
@@ -79,7 +80,7 @@ class ConversionResult:
             if plain_gn:
                 head += f"; {plain_gn} of them got GN without weight standardization (no plain conv feeds only that BN)"
         parts: list[Any] = [Text(head)]
-        plain = {"into-producer"} if conv.to == "fold" else set()
+        plain = {"into-producer", "into-producers", "merged"} if conv.to == "fold" else set()
         special = [r for r in rows if r["action"] not in plain or r.get("notes")]
         if special:
             parts.append(sites_table(special, title="sites needing more than a plain rewrite"))
@@ -110,7 +111,7 @@ class ConversionResult:
         for name in ("save", "report"):
             if name in self.outputs:
                 parts.append(Text(f"{'saved conversion' if name == 'save' else 'report'}: {self.outputs[name]}"))
-        style = {0: "bold green", 3: "bold red", 4: "bold yellow"}.get(self.exit_code, "bold")
+        style = {0: "bold green", 3: "bold red", 4: "bold yellow", 5: "bold yellow"}.get(self.exit_code, "bold")
         parts.append(Text(self.verdict.line, style=style))
         parts.append(Text(self.timing_line(), style="dim"))
         return Group(*parts)
@@ -144,6 +145,9 @@ def run_conversion(
     report: str | Path | None = None,
     progress: Progress | None = None,
     dtype: Any = None,
+    images: int | None = None,
+    output_kind: str | None = None,
+    heldout: Any = None,
 ) -> ConversionResult:
     """Run every stage of one conversion (module docstring) and return its :class:`ConversionResult`.
 
@@ -156,21 +160,29 @@ def run_conversion(
     cast *copy* of the model, with inputs in that dtype and tolerances from :func:`half_tolerances`
     (stated in the report); default: the model's own parameter dtype when it is already half (fold only).
     bfloat16 cannot be combined with ``onnx`` (onnxruntime CPU lacks bfloat16 kernels).
+    ``images``: the model is called with a list of this many images (``model([img, ...])``; torchvision's
+    detectors are recognised and default to 1): ``input_shape`` is then one image's ``C,H,W``, the ONNX
+    takes exactly that many images, and a detector is verified before and after post-processing
+    (:mod:`normswap.pipeline.image_lists`).
     """
     import torch
 
     from normswap import validate
-    from normswap.errors import InputError
+    from normswap.errors import InputError, NormswapError
 
     progress = progress or NullProgress()
     onnx, save, report = (None if p is None else Path(p) for p in (onnx, save, report))
     # -- validate: nothing below may fail on something the user could have been told up front
     validate.options(atol=atol, rtol=rtol, groups=groups, calib_samples=calib_samples, calib_batch=calib_batch,
                      recover_steps=recover_steps, recover_batch=recover_batch, lr=lr)
+    validate.positive_int("--images", images)
     if recover_steps and calib is None:
         raise InputError("--recover-steps needs calibration data: add --calib DATA (e.g. --calib digits)")
     if calib is not None and to == "fold":
         raise InputError("--calib applies to swap targets; 'fold' is exact and has nothing to calibrate")
+    from normswap.heldout import check_options
+
+    check_options(output_kind, heldout, calib)  # --output-kind, --heldout (with --calib)
     half = _parse_dtype(dtype)
     if half is not None and to != "fold":
         raise InputError(f"--dtype {_dtype_name(half)} applies to --to fold only (swap targets run in float32)")
@@ -182,7 +194,8 @@ def run_conversion(
     validate.output_paths(
         {"--onnx": onnx, "--report": report, "--report's drift plot": plot if report is not None else None, "--save": save},
         {"--weights": weights, "--samples": samples if isinstance(samples, (str, Path)) else None,
-         "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model)},
+         "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model),
+         "--heldout": heldout if isinstance(heldout, (str, Path)) else None},
         directories=("--save",),
     )
     seconds: dict[str, float] = {}
@@ -208,13 +221,20 @@ def run_conversion(
             f"×{_eps_factor(half):.1f}), plus the noise floor: the original's own {_dtype_name(half)} error vs its float64 copy")
     for n in loaded.notes:
         progress.note(n)
-    shape, shape_src = example_shape(loaded, input_shape)
-    x = example_input(shape, half)
-    extra = samples
-    if isinstance(samples, (str, Path)):
-        from normswap.load import load_tensor_file
-
-        extra = load_tensor_file(samples)
+    n_images = image_lists.image_count(original, images)
+    batches = None
+    if n_images is not None:  # model([img, ...]): a detector, or --images N
+        if calib is not None:
+            raise InputError("--calib is for models that take tensor batches; this model takes a list of images")
+        shape, shape_src = image_lists.image_shape(original, input_shape, n_images)
+        x = image_lists.example_images(shape, n_images, half)
+        batches, sample_notes = image_lists.parity_batches(shape, n_images, samples, half, model=original)
+        loaded.notes.extend(sample_notes)
+        extra = None
+    else:
+        shape, shape_src = example_shape(loaded, input_shape)
+        x = example_input(shape, half)
+        extra = None if samples is None else image_lists.load_samples(samples, shape, model=original)
     if half is not None and extra is not None:
         extra = _cast_floats(extra, half)
 
@@ -234,31 +254,43 @@ def run_conversion(
         from normswap.recover import keep_function
 
         data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model)
-        heldout, hname = heldout_for(model, loaded)
+        from normswap.heldout import heldout_data
+
+        # --heldout DATA, else the held-out set normswap knows, else keep_function holds out 20% of the data
+        held, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
         # keep_function draws its own "calibrate" and "recover" stages (the latter per step) on ``progress``
-        kept = keep_function(loaded.model, conv, data, heldout=heldout, heldout_name=hname, recover_steps=recover_steps,
+        kept = keep_function(loaded.model, conv, data, heldout=held, heldout_name=hname, output_kind=output_kind,
+                             recover_steps=recover_steps,
                              recover_batch=recover_batch, seed=seed, lr=lr, progress=progress, plot=None)
         seconds.update(kept.seconds)
 
     with ExitStack() as stack:
-        exported, onnx_tmp = None, None
+        exported, onnx_tmp, export_error = None, None, None
         if onnx is not None:
             from normswap.atomic import staging_dir
             from normswap.export import export_onnx
 
             tmp = stack.enter_context(staging_dir(onnx))
             onnx_tmp = tmp / onnx.name
-            with progress.stage("export"):
-                t = time.perf_counter()
-                # the parity stage runs every pair at batches 1 and 3: no need for the exporter's own check
-                exported = export_onnx(conv.model, (x,), onnx_tmp, exporter=exporter, opset=opset, verify=False)
-                seconds["export"] = time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                with progress.stage("export"):
+                    # the parity stage runs every pair at batches 1 and 3: no need for the exporter's own check
+                    exported = export_onnx(conv.model, (x,), onnx_tmp, exporter=exporter, opset=opset, verify=False)
+            except NormswapError as e:  # not InputError: the exporter could not; the rewrite itself may be fine
+                if isinstance(e, InputError):
+                    raise
+                export_error, onnx_tmp = f"the ONNX export failed: {e}", None
+            seconds["export"] = time.perf_counter() - t
 
         parity = None
-        if conv.exact or onnx_tmp is not None:
+        if conv.exact or onnx_tmp is not None:  # (a failed export leaves an exact rewrite to check in PyTorch)
             with progress.stage("parity"):
                 t = time.perf_counter()
-                parity = _parity(original, conv, onnx_tmp, shape, extra, atol, rtol, dtype=half)
+                if batches is not None:
+                    parity = image_lists.list_parity(original, conv, onnx_tmp, batches, atol, rtol)
+                else:
+                    parity = _parity(original, conv, onnx_tmp, shape, extra, atol, rtol, dtype=half)
                 seconds["parity"] = time.perf_counter() - t
 
         drift = bi = None
@@ -267,19 +299,27 @@ def run_conversion(
 
             with progress.stage("measure", detail="drift, batch independence"):
                 t = time.perf_counter()
-                if kept is None:  # after calibration the held-out agreement says more than random inputs
+                if batches is not None:  # a list of images: drift on the parity draws; "batch" is the image count
+                    from normswap.parity import check_parity
+
+                    drift = _drift(loaded.model, conv.model, shape, None, check_parity(loaded.model, conv.model, None, inputs=batches))
+                elif kept is None:  # after calibration the held-out agreement says more than random inputs
                     drift = _drift(loaded.model, conv.model, shape, extra, parity)
-                bi = {"original": batch_independence(loaded.model, shape).to_dict(),
-                      "rewritten": batch_independence(conv.model, shape).to_dict()}
+                if batches is None:
+                    bi = {"original": batch_independence(loaded.model, shape).to_dict(),
+                          "rewritten": batch_independence(conv.model, shape).to_dict()}
                 seconds["measure"] = time.perf_counter() - t
 
-        verdict = decide(conv, parity, exported=exported is not None, kept=kept, drift=drift)
+        verdict = decide(conv, parity, exported=exported is not None, kept=kept, drift=drift, export_error=export_error)
         model_info = {"spec": loaded.spec or (BUNDLED_NAME if isinstance(model, (str, type(None))) else f"<{type(loaded.model).__name__} instance>"),
                       "args": loaded.args, "weights": loaded.weights, "input_shape": list(shape), "input_shape_from": shape_src,
-                      "notes": loaded.notes, "dtype": _dtype_name(half) if half is not None else _dtype_name(_model_dtype(original)),
+                      "images": n_images, "notes": loaded.notes, "dtype": _dtype_name(half) if half is not None else _dtype_name(_model_dtype(original)),
                       "tolerances": {"atol": atol, "rtol": rtol}}
         result = ConversionResult(conversion=conv, model_info=model_info, verdict=verdict, parity=parity, export=exported,
                                   kept=kept, drift=drift, batch_independence=bi, seconds=seconds)
+        if exported is not None and n_images is not None:
+            result.notes.append(f"the ONNX takes exactly {n_images} image(s) of {'×'.join(map(str, shape))} "
+                                f"({', '.join(exported.input_names)}), the form torchvision's detector exports use")
 
         # -- write: the ONNX only on a good verdict (or keep_failed), the rest always
         t = time.perf_counter()

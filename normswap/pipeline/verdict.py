@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 __all__ = ["EXIT_CODES", "Verdict", "check_verdict", "decide"]
 
-EXIT_CODES = {"PASSED": 0, "EXPORTED": 0, "CONVERTED": 0, "FAILED": 3, "NOTHING COMPARED": 4}
+EXIT_CODES = {"PASSED": 0, "EXPORTED": 0, "CONVERTED": 0, "FAILED": 3, "NOTHING COMPARED": 4, "NOT EXPORTED": 5}
 
 
 @dataclass
@@ -41,20 +41,30 @@ def _agreement_text(kept: Any, drift: Mapping[str, Any] | None) -> str:
     if kept is not None and kept.stages:
         last = kept.stages[-1]
         how = {"naive": "naive swap", "calibrated": "calibrated", "recovered": "calibrated and recovered"}.get(last.stage, last.stage)
-        measures = _measures(last.agreement.get("top1_agreement"), last.agreement.get("rel_err"))
+        agr = last.agreement
+        if "top1_agreement" not in agr and hasattr(agr, "describe"):  # another output kind: its own measures
+            measures = agr.describe()
+        else:
+            measures = _measures(agr.get("top1_agreement"), agr.get("rel_err"))
         return f"{measures} on {kept.evaluated_on} ({how})"
     if drift is not None:
         return f"{_measures(drift.get('top1'), drift.get('max_rel'))} on random inputs (naive swap; calibrate with --calib)"
     return "not measured"
 
 
-def decide(conversion: Any, parity: Any, *, exported: bool, kept: Any = None, drift: Mapping[str, Any] | None = None) -> Verdict:
-    """The verdict rules of the module docstring."""
+def decide(conversion: Any, parity: Any, *, exported: bool, kept: Any = None, drift: Mapping[str, Any] | None = None,
+           export_error: str | None = None) -> Verdict:
+    """The verdict rules of the module docstring. ``export_error``: why the requested ONNX could not be
+    written (the PyTorch rewrite may still be good, and is still saved)."""
     if parity is not None and parity.verdict == "failed":
         what = "the rewritten model" if conversion.exact else "the ONNX export of the rewritten model"
         return Verdict("FAILED", f"{what} does not compute what it must: {parity.summary()}")
     if parity is not None and parity.nothing_compared:
         return Verdict("NOTHING COMPARED", parity.summary())
+    if export_error is not None:
+        checked = (f"the rewritten model computes what the original did ({len(parity.stats)} comparisons in PyTorch), "
+                   if conversion.exact and parity is not None else "")
+        return Verdict("NOT EXPORTED", f"{checked}but {export_error}")
     if conversion.exact:
         n = len(parity.stats) if parity is not None else 0
         where = " and its ONNX" if exported else ""
