@@ -88,17 +88,32 @@ def _record(name, shape, conv, exp, res, seconds) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-TIMM = ["efficientnet_b0", "mobilenetv3_small_100", "resnet18d", "regnetx_002"]
+TIMM_CI = ["efficientnet_b0", "mobilenetv3_small_100", "resnet18d", "regnetx_002"]
+# NORMSWAP_ZOO=all: one model per timm family a deployment engineer ships with BN; the ones in
+# FOLD_EVERY_BN must end with no scale-and-shift (LeViT's reshaped Linear, MixNet's cat, tf_* "same"
+# padding, RepVGG/MobileOne branch merging, NF-Net weight standardization baked)
+FOLD_EVERY_BN = ["levit_128s", "mixnet_s", "tf_mixnet_s", "tf_efficientnet_b0", "repvgg_a0", "mobileone_s0",
+                 "nf_resnet50", "resnetv2_50x1_bit", "efficientnet_b0", "mobilenetv3_small_100", "resnet18d",
+                 "regnetx_002", "ghostnet_100", "cspresnet50", "dla34", "rexnet_100", "hrnet_w18_small"]
+TIMM = TIMM_CI + [m for m in FOLD_EVERY_BN + ["densenet121", "inception_v3"] if m not in TIMM_CI] \
+    if os.environ.get("NORMSWAP_ZOO") == "all" else TIMM_CI
 
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", TIMM)
 def test_timm_model_folds_and_keeps_activations(name, tmp_path):
     timm = pytest.importorskip("timm")
-    model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10)).eval()
-    x = torch.randn(1, 3, 64, 64)
+    kw = {"img_size": 64} if name.startswith("levit") else {}  # LeViT's attention biases fix the resolution
+    model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10, **kw)).eval()
+    x = torch.randn(1, 3, 96, 96) if name == "inception_v3" else torch.randn(1, 3, 64, 64)
     conv = normswap.rewrite(model, "fold", (x,))
     assert count_bn(conv.model) == 0
+    if name in FOLD_EVERY_BN:
+        left = [(a.site, a.reason) for a in conv.actions if a.action == "affine"]
+        assert not left, left
     exp = normswap.export_onnx(conv.model, (x,), tmp_path / f"{name}.onnx", verify=False)
-    res = normswap.check_parity(model, conv.model, exp.path, input_shape=x.shape)
+    # resnetv2 (BiT, GroupNorm): onnxruntime 1.31's graph optimizations (basic and up) put its output 3e-2
+    # off; the exporter's ONNX of the *unconverted* model fails identically, so it is checked unoptimized
+    level = "disable" if name.startswith("resnetv2") else "all"
+    res = normswap.check_parity(model, conv.model, exp.path, input_shape=x.shape, ort_optimization=level)
     assert res, res.summary()
