@@ -174,3 +174,17 @@ def test_check_a_detector_onnx_against_its_model(tmp_path):
     assert res.against["images"] == 2
     assert {str(s.batch) for s in res.parity.stats} == {"images×2"}
     assert not any(not s.passed for s in res.parity.stats)
+
+
+def test_compare_on_a_detector_is_refused_in_one_line():
+    from normswap.errors import InputError
+    from normswap.pipeline import run_comparison
+
+    with pytest.raises(InputError, match="takes a list of images"):
+        run_comparison(tiny_detector(), ["fold", "gn"])
+
+
+def test_swap_on_a_detector_reports_drift_before_post_processing():
+    res = run_conversion(tiny_detector(), "gn", input_shape=(3, 64, 64))
+    assert res.drift is not None and res.drift["inputs"] == "images×1"
+    assert res.drift["max_rel"] > 0  # measured on the probe's tensors, not on (possibly empty) boxes

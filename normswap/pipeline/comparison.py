@@ -69,6 +69,9 @@ def run_comparison(
                                                   "MODEL": spec_file(model), "--heldout": heldout if isinstance(heldout, (str, Path)) else None})
     with progress.stage("load", detail=str(model) if isinstance(model, str) else ""):
         loaded = load_stage(model, args=args, weights=weights, trust_pickle=trust_pickle, strict=strict)
+    from .image_lists import refuse_image_lists
+
+    refuse_image_lists(loaded.model, "compare")
     for n in loaded.notes:
         progress.note(n)
     shape, _ = example_shape(loaded, input_shape)

@@ -101,7 +101,7 @@ class ConversionResult:
                 f"rewritten {'yes' if bi['rewritten']['independent'] else 'no'} (diff {bi['rewritten']['max_rel_diff']:.1e})"))
         if self.drift is not None:
             d = self.drift
-            parts.append(Text(f"drift vs the original (eval, batches 1 and 3{' + samples' if d.get('samples') else ''}): "
+            parts.append(Text(f"drift vs the original (eval, {d.get('inputs') or 'batches 1 and 3'}{' + samples' if d.get('samples') else ''}): "
                               f"max rel err {d['max_rel']:.2e}" + (f", top-1 agreement {d['top1']:.1%}" if d["top1"] is not None else "")))
         if conv.to != "fold":
             info = conv.target_info()
@@ -302,7 +302,12 @@ def run_conversion(
                 if batches is not None:  # a list of images: drift on the parity draws; "batch" is the image count
                     from normswap.parity import check_parity
 
-                    drift = _drift(loaded.model, conv.model, shape, None, check_parity(loaded.model, conv.model, None, inputs=batches))
+                    from normswap.detection import probed
+
+                    # a detector's post-processed outputs may be empty: its drift is read before post-processing
+                    drift = _drift(loaded.model, conv.model, shape, None,
+                                   check_parity(probed(loaded.model), probed(conv.model), None, inputs=batches))
+                    drift["inputs"] = ", ".join(str(label) for label, _ in batches)
                 elif kept is None:  # after calibration the held-out agreement says more than random inputs
                     drift = _drift(loaded.model, conv.model, shape, extra, parity)
                 if batches is None:

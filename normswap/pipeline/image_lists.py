@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["image_count", "image_shape", "example_images", "parity_batches", "list_parity", "DEFAULT_IMAGE_SHAPE"]
+__all__ = ["image_count", "refuse_image_lists", "image_shape", "example_images", "parity_batches", "list_parity", "DEFAULT_IMAGE_SHAPE"]
 
 DEFAULT_IMAGE_SHAPE = (3, 224, 224)
 
@@ -31,6 +31,16 @@ def image_count(model: Any, images: int | None) -> int | None:
         validate.positive_int("--images", images)
         return int(images)
     return 1 if takes_image_list(model) else None
+
+
+def refuse_image_lists(model: Any, what: str) -> None:
+    """One line instead of a crash: ``what`` (compare, recover) works on tensor batches only."""
+    from normswap.detection import takes_image_list
+    from normswap.errors import InputError
+
+    if takes_image_list(model):
+        raise InputError(f"{what} works on models that take tensor batches; {type(model).__name__} takes a list of images "
+                         "— use `normswap convert MODEL --to TARGET` per target (fold is verified before post-processing)")
 
 
 def image_shape(model: Any, given: Sequence[int] | None, images: int) -> tuple[tuple[int, ...], str]:

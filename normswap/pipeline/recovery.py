@@ -149,6 +149,9 @@ def run_recovery(
 
             teacher = load_model(src.get("spec"), args=src.get("args") or {}, weights=weights or src.get("weights"),
                                  trust_pickle=trust_pickle, strict=strict)
+        from .image_lists import refuse_image_lists
+
+        refuse_image_lists(teacher.model, "recover")
         if getattr(teacher, "random_init", False):  # a fresh random model is not the one that was converted
             raise InputError(
                 f"the original model for {saved_dir} builds random weights on every load, so it is not the model that was "
