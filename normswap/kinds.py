@@ -194,8 +194,8 @@ class Regression(Kind):
 
     name = "regression"
     measures = ("r2",)
-    labels = {"r2": "R²"}
-    truth_label = "R²"
+    labels = {"r2": "R² vs original"}
+    truth_label = "R² vs labels"  # two R² columns side by side: say which is which
 
     def loss(self, s: Any, t: Any, temperature: float) -> Any:
         t = t.detach()
