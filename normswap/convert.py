@@ -205,6 +205,12 @@ def _run_reference(reference: nn.Module, inputs: tuple[Any, ...]) -> Any:
         with eval_mode(reference):
             return reference(*inputs)
     except Exception as e:
+        lists = [x for x in inputs if isinstance(x, (list, tuple))]
+        if lists:  # a list of images (--images N): say so, and how to go back to a tensor batch
+            imgs = lists[0]
+            what = f"a list of {len(imgs)} image(s) of {list(imgs[0].shape) if imgs and isinstance(imgs[0], Tensor) else '?'}"
+            raise InputError(f"the model fails on {what} ({first_line(e, 200)}); drop --images if it takes a tensor "
+                             "batch, or pass the image size it expects, e.g. --input-shape 3,320,320") from None
         shapes = ", ".join(str(list(x.shape)) for x in inputs if isinstance(x, Tensor))
         raise InputError(
             f"the model fails on an example input of shape {shapes} ({first_line(e, 200)}); "

@@ -188,3 +188,11 @@ def test_swap_on_a_detector_reports_drift_before_post_processing():
     res = run_conversion(tiny_detector(), "gn", input_shape=(3, 64, 64))
     assert res.drift is not None and res.drift["inputs"] == "images×1"
     assert res.drift["max_rel"] > 0  # measured on the probe's tensors, not on (possibly empty) boxes
+
+
+def test_images_on_a_tensor_model_says_what_failed():
+    from normswap.errors import InputError
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(InputError, match=r"a list of 2 image\(s\) of \[3, 8, 8\].*drop --images"):
+        run_conversion(model, "fold", images=2, input_shape=(3, 8, 8))
