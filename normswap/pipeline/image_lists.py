@@ -191,6 +191,9 @@ def list_parity(original: Any, conv: Any, onnx_path: Any, batches: list[tuple[st
                     if candidate is not None:  # the rewritten model computes the original's function: same noise
                         stats, _ = judge(None, sides[0][1], flat, xs, pair=PAIR_REWRITTEN_ORT, batch=label, atol=atol,
                                          rtol=rtol, floors=floors.get("post"))
+                        for st in stats:  # the floor measured is the original's: say whose it is
+                            if st.note:
+                                st.note = st.note.replace("the rewritten model's own", "the original model's own")
                         res.stats.extend(stats)
                     leaves, spec = pytree.tree_flatten(ref["post"])
                     if len(flat) == len(leaves):
