@@ -32,6 +32,7 @@ This module imports torch only inside its functions: :data:`KIND_NAMES` serves o
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 __all__ = ["KIND_NAMES", "Kind", "Measures", "Meter", "Outputs", "detect", "detect_kind", "get", "outputs_for", "register"]
@@ -72,7 +73,7 @@ def check_name(name: str | None) -> None:
 # the kinds
 
 
-class Kind:
+class Kind(ABC):
     """One output kind: its loss, its measures (accumulated by a :class:`Meter`), its ground truth."""
 
     name = ""
@@ -87,19 +88,23 @@ class Kind:
     def primary(self) -> str:
         return self.measures[0]
 
+    @abstractmethod
     def loss(self, s: Any, t: Any, temperature: float) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def sums(self, r: Any, o: Any) -> dict[str, Any]:
         """This batch's float64 sums (named tensors) from which :meth:`values` computes the measures."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def values(self, sums: dict[str, Any]) -> dict[str, float | None]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def truth(self, pred: Any, y: Any) -> float:
         """The model's ground-truth measure on labelled data (``pred``: its outputs, ``y``: the labels)."""
-        raise NotImplementedError
+        ...
 
     def __repr__(self) -> str:
         return f"<output kind {self.name}>"

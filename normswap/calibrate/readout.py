@@ -13,6 +13,7 @@ its inputs. When no readout is found, :meth:`_ReadoutProbe.find` says why in one
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -29,16 +30,18 @@ READOUT_MIN_REL = 1e-3
 LINK_EPS = 1e-6
 
 
-class Link:
+class Link(ABC):
     """A fixed elementwise output link: ``forward`` (pre-activation → output) and ``inverse``."""
 
     name = ""
 
+    @abstractmethod
     def forward(self, z: Tensor) -> Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def inverse(self, y: Tensor) -> Tensor:
-        raise NotImplementedError
+        ...
 
 
 class _Identity(Link):
