@@ -78,6 +78,23 @@ def recalibrate_bn(model: nn.Module, X: torch.Tensor, batch_size: int | None = N
     model.eval()
 
 
+def save_weights(model: nn.Module, out: Path, model_spec: str, **fields: object) -> dict:
+    """Write ``model``'s state dict to ``out`` (safetensors, 0644: it ships as package data) and
+    ``out`` with a .json suffix holding ``{"model", "weights", "sha256", **fields}``. Everything written
+    is a function of the seed and the code: two runs give byte-identical files."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out), metadata={"format": "pt"})
+    os.chmod(out, 0o644)  # safetensors creates the file 0600
+    meta = {"model": model_spec, "weights": out.name, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), **fields}
+    meta_path = out.with_suffix(".json")
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {meta_path}")
+    return meta
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=30)
@@ -135,33 +152,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"final (eval mode, recalibrated BN): train acc {train_acc:.4f}  test acc {test_acc:.4f}  "
           f"train time {train_seconds:.1f}s")
 
-    from safetensors.torch import save_file
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out), metadata={"format": "pt"})
-    os.chmod(args.out, 0o644)  # safetensors creates the file 0600; it ships as package data
-    # Everything below is a function of the seed and the code: two runs give byte-identical files.
-    meta = {
-        "model": "normswap.models.digits:DigitsResNet",
-        "weights": args.out.name,
-        "sha256": hashlib.sha256(args.out.read_bytes()).hexdigest(),
-        "dataset": "sklearn.datasets.load_digits, train_test_split(test_size=0.25, random_state=0, stratify=y)",
-        "test_accuracy": round(test_acc, 6),
-        "train_accuracy": round(train_acc, 6),
-        "n_test": len(X_test),
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "augment": not args.no_augment,
-        "param_count": n_params,
-        "torch_version": torch.__version__,
-        "bn_stats": "recalibrated after training: momentum=None, one train-mode pass over the full train split",
-    }
-    meta_path = args.out.with_suffix(".json")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) and {meta_path}")
+    meta = save_weights(
+        model, args.out, "normswap.models.digits:DigitsResNet",
+        dataset="sklearn.datasets.load_digits, train_test_split(test_size=0.25, random_state=0, stratify=y)",
+        test_accuracy=round(test_acc, 6),
+        train_accuracy=round(train_acc, 6),
+        n_test=len(X_test),
+        epochs=args.epochs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        augment=not args.no_augment,
+        param_count=n_params,
+        torch_version=torch.__version__,
+        bn_stats="recalibrated after training: momentum=None, one train-mode pass over the full train split",
+    )
     return meta
 
 

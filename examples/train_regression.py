@@ -15,9 +15,6 @@ eval mode on the fixed transformed test split.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import recalibrate_bn, set_determinism  # noqa: E402
+from train_digits import recalibrate_bn, save_weights, set_determinism  # noqa: E402
 
 from normswap.models.digits import load_digits  # noqa: E402
 from normswap.models.regression import (  # noqa: E402
@@ -80,32 +77,21 @@ def main(argv: list[str] | None = None) -> dict:
     test_q = regression_quality(model, X_test, Y_test)
     print(f"final (eval mode): train {train_q}  test {test_q}  ({seconds:.1f}s)")
 
-    from safetensors.torch import save_file
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out), metadata={"format": "pt"})
-    os.chmod(args.out, 0o644)
-    meta = {
-        "model": "normswap.models.regression:RegressionCNN",
-        "weights": args.out.name,
-        "sha256": hashlib.sha256(args.out.read_bytes()).hexdigest(),
-        "output": "regression [N, 2] = (angle / 45 deg, log(scale) / log(1.25)), identity output",
-        "transforms": f"digits enlarged to 12x12, padded to 16x16, rotated by U(-{MAX_ANGLE_DEG:g}, {MAX_ANGLE_DEG:g}) deg, "
-                      f"scaled by a log-uniform factor in [1/{MAX_SCALE}, {MAX_SCALE}]",
-        "dataset": "sklearn.datasets.load_digits, train_test_split(test_size=0.25, random_state=0, stratify=y)",
-        "test": {k: round(v, 6) for k, v in test_q.items()},
-        "train": {k: round(v, 6) for k, v in train_q.items()},
-        "n_test": len(X_test),
-        "epochs": args.epochs, "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr,
-        "augment": "fresh random transforms of the training digits every epoch",
-        "param_count": n_params,
-        "torch_version": torch.__version__,
-        "bn_stats": "recalibrated after training: momentum=None, one train-mode pass over the fixed transformed train split",
-    }
-    meta_path = args.out.with_suffix(".json")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) and {meta_path}")
+    meta = save_weights(
+        model, args.out, "normswap.models.regression:RegressionCNN",
+        output="regression [N, 2] = (angle / 45 deg, log(scale) / log(1.25)), identity output",
+        transforms=f"digits enlarged to 12x12, padded to 16x16, rotated by U(-{MAX_ANGLE_DEG:g}, {MAX_ANGLE_DEG:g}) deg, "
+                   f"scaled by a log-uniform factor in [1/{MAX_SCALE}, {MAX_SCALE}]",
+        dataset="sklearn.datasets.load_digits, train_test_split(test_size=0.25, random_state=0, stratify=y)",
+        test={k: round(v, 6) for k, v in test_q.items()},
+        train={k: round(v, 6) for k, v in train_q.items()},
+        n_test=len(X_test),
+        epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+        augment="fresh random transforms of the training digits every epoch",
+        param_count=n_params,
+        torch_version=torch.__version__,
+        bn_stats="recalibrated after training: momentum=None, one train-mode pass over the fixed transformed train split",
+    )
     return meta
 
 

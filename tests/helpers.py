@@ -48,3 +48,18 @@ def swap_digits(original: nn.Module, to: str, **kw):
     import normswap
 
     return normswap.rewrite(original, to, (torch.zeros(2, 1, 8, 8),), **kw)
+
+
+def check_fold(model: nn.Module, x: torch.Tensor, tol: float = 1e-5):
+    """Fold ``model`` (put in eval mode) on ``(x,)``: the folded model reproduces it within ``tol``
+    (relative to the output scale) and the caller's model is left untouched. Returns the pass result."""
+    from normswap.fold import fold
+
+    model = model.eval()
+    snap = snapshot(model)
+    res = fold(model, (x,))
+    with torch.no_grad():
+        ref, out = model(x), res.model(x)
+    assert rel_err(ref, out) <= tol, rel_err(ref, out)
+    assert same_state(model, snap), "the caller's model was mutated"
+    return res

@@ -18,7 +18,7 @@ from normswap.fold import (
     fold_conv_bn_weights,
 )
 from normswap.layers import ChannelAffine
-from tests.helpers import count_bn, randomize_bn, rel_err, same_state, snapshot
+from tests.helpers import check_fold, count_bn, randomize_bn, rel_err
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -26,14 +26,7 @@ BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d
 
 
 def _check(model: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> "object":
-    model = model.eval()
-    snap = snapshot(model)
-    res = fold(model, (x,))
-    with torch.no_grad():
-        ref, out = model(x), res.model(x)
-    assert rel_err(ref, out) <= tol, rel_err(ref, out)
-    assert same_state(model, snap), "the caller's model was mutated"
-    return res
+    return check_fold(model, x, tol)
 
 
 # ---- arithmetic -----------------------------------------------------------------------------

@@ -8,23 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from normswap.fold import fold
 from normswap.layers import ChannelAffine
 from normswap.reparam import merge_parallel_convs
-from tests.helpers import count_bn, randomize_bn, rel_err, same_state, snapshot
+from tests.helpers import check_fold, count_bn, randomize_bn
 
 timm = pytest.importorskip("timm")
 
 
 def _check(model: nn.Module, x: torch.Tensor, tol: float = 1e-5):
-    model = randomize_bn(model).eval()
-    snap = snapshot(model)
-    res = fold(model, (x,))
-    with torch.no_grad():
-        ref, out = model(x), res.model(x)
-    assert rel_err(ref, out) <= tol, rel_err(ref, out)
-    assert same_state(model, snap), "the caller's model was mutated"
-    return res
+    return check_fold(randomize_bn(model), x, tol)
 
 
 def _actions(res) -> dict[str, str]:
