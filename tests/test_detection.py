@@ -196,3 +196,11 @@ def test_images_on_a_tensor_model_says_what_failed():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
     with pytest.raises(InputError, match=r"a list of 2 image\(s\) of \[3, 8, 8\].*drop --images"):
         run_conversion(model, "fold", images=2, input_shape=(3, 8, 8))
+
+
+def test_an_output_smaller_than_atol_proves_nothing_unless_it_matches_relatively():
+    r = np.array([1e-13, -2e-13, 3e-13])  # a random-weights backbone's features
+    wrong = compare_arrays(r, r * 2, pair="original↔rewritten", output="f", batch=1, atol=1e-5, rtol=1e-4)
+    assert wrong.passed and wrong.vacuous and wrong.note.startswith("too small to judge")
+    right = compare_arrays(r, r * (1 + 1e-7), pair="original↔rewritten", output="f", batch=1, atol=1e-5, rtol=1e-4)
+    assert right.passed and not right.vacuous

@@ -199,8 +199,9 @@ class ParityResult:
         for s in self.stats:
             if not s.passed:
                 verdict = Text("FAIL", style="bold red")
-            elif s.vacuous:
-                verdict = Text("empty", style="yellow")
+            elif s.vacuous:  # passed, proving nothing: say why in a word (the footnote says more)
+                word = next((w for k, w in _VACUOUS_WORDS if (s.note or "").startswith(k)), "vacuous")
+                verdict = Text(word, style="yellow")
             else:
                 verdict = Text("pass", style="green")
             if s.note:
@@ -244,6 +245,9 @@ class ParityResult:
         for note in self.notes:
             parts.append(Text(f"note: {note}", style="dim"))
         return Group(*parts)
+
+
+_VACUOUS_WORDS = (("empty", "empty"), ("constant", "constant"), ("not comparable", "n/c"), ("too small", "tiny"))
 
 
 def _fmt(x: float) -> str:

@@ -33,6 +33,8 @@ is reported for reading. Defaults: ``DEFAULT_ATOL = 1e-5``, ``DEFAULT_RTOL = 1e-
   the floor exceeds ``NOT_COMPARABLE`` (10%) of the output's scale (near-tied boxes reordering
   after NMS), the output cannot be judged at this level and counts as nothing compared — a
   detector is then judged on its pre-post-processing tensors (:mod:`normswap.detection`).
+* **Too small to judge.** An output whose whole scale is below ``atol`` passes any candidate within
+  ``atol``; unless it also matches within ``rtol`` of its own scale, it counts as nothing compared.
 * Integer and bool outputs must match exactly. All statistics are computed in float64. A shape
   mismatch or a missing output is a failed :class:`OutputStats` with a ``note``, never an exception.
 
@@ -51,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from normswap.defaults import DEFAULT_ATOL, DEFAULT_RTOL
+from normswap.defaults import DEFAULT_ATOL, DEFAULT_RTOL, NOISE_FACTOR
 from normswap.errors import InputError
 
 from .inputs import _as_tuple
@@ -178,6 +180,13 @@ def compare_arrays(
                       f"{floor:.1e} ({floor / max(scale, SCALE_FLOOR):.0%} of its scale)")
     else:
         stats.passed = bool(max_abs <= stats.allowed)
+    if stats.passed and not stats.vacuous and not exact and 0 < scale < atol and max_abs > rtol * scale + (
+            NOISE_FACTOR * floor if floor is not None and math.isfinite(floor) else 0.0):
+        # atol exceeds the whole output: it "passes" whatever the candidate is (a random-weights backbone
+        # whose features are 1e-13). Judged relative to its own scale it misses, so it proves nothing.
+        stats.vacuous = True
+        stats.note = (f"too small to judge: the whole output (scale {scale:.1e}) is below atol; relative to its scale "
+                      f"the error is {max_abs / scale:.1e}")
     if stats.passed and not stats.vacuous:
         if r64.size == 0:
             stats.vacuous, stats.note = True, "empty output: nothing compared"
