@@ -204,3 +204,10 @@ def test_an_output_smaller_than_atol_proves_nothing_unless_it_matches_relatively
     assert wrong.passed and wrong.vacuous and wrong.note.startswith("too small to judge")
     right = compare_arrays(r, r * (1 + 1e-7), pair="original↔rewritten", output="f", batch=1, atol=1e-5, rtol=1e-4)
     assert right.passed and not right.vacuous
+
+
+def test_passed_does_not_vouch_for_an_onnx_that_compared_nothing(tmp_path):
+    res = run_conversion(tiny_detector(score_thresh=1.0), "fold", onnx=tmp_path / "d.onnx", input_shape=(3, 64, 64))
+    assert res.exit_code == 0  # the PyTorch fold is proven before post-processing
+    assert "its ONNX ran but none of its" in res.verdict.line and "and its ONNX compute" not in res.verdict.line
+    assert not res.parity.worst().vacuous  # the summary's "worst" is a real comparison

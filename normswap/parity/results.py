@@ -113,7 +113,8 @@ class ParityResult:
         """The comparison furthest over (or closest to) its tolerance; None if there were none."""
         if not self.stats:
             return None
-        return max(self.stats, key=lambda s: (not s.passed, s.ratio, s.max_rel))
+        # a vacuous row (not comparable, empty) proves nothing either way: it is never the "worst" pass
+        return max(self.stats, key=lambda s: (not s.passed, not s.vacuous, s.ratio, s.max_rel))
 
     def pairs(self) -> list[str]:
         return list(dict.fromkeys(s.pair for s in self.stats))
@@ -143,7 +144,8 @@ class ParityResult:
             line += f" — {w.note}"
         vac = [s for s in self.stats if s.vacuous]
         if vac and self:
-            line += f"; {len(vac)} comparison(s) compared nothing ({vac[0].note})"
+            kinds = "; ".join(dict.fromkeys(s.note or "vacuous" for s in vac))
+            line += f"; {len(vac)} comparison(s) compared nothing ({kinds})"
         return line
 
     def __str__(self) -> str:
