@@ -11,7 +11,7 @@ import typer
 
 from normswap.defaults import DEFAULT_CALIB_BATCH
 
-from .calibrate_cmd import CalibBatchOpt, CalibOpt, CalibSamplesOpt, HeldoutOpt, OutputKindOpt
+from .calibrate_cmd import CalibBatchOpt, CalibOpt, CalibSamplesOpt, DecodeOpt, DecodeTolOpt, HeldoutOpt, OutputKindOpt
 from .common import (
     ArgOpt,
     DebugOpt,
@@ -83,6 +83,8 @@ def compare(
         show_default=False)] = None,
     output_kind: OutputKindOpt = None,
     heldout: HeldoutOpt = None,
+    decode: DecodeOpt = None,
+    decode_tol: DecodeTolOpt = None,
     latency_budget: Annotated[float, typer.Option(
         "--latency-budget", help="the recommendation considers targets within this × the folded model's onnxruntime latency.")] = 2.0,
     arg: ArgOpt = [],  # noqa: B006 - typer reads the default, never mutates it
@@ -116,7 +118,7 @@ def compare(
         strict=not no_strict, input_shape=None if input_shape_ is None else parse_shape(input_shape_), calib=calib,
         calib_samples=calib_samples, calib_batch=calib_batch, groups=groups, latency=not no_latency, runs=runs,
         threads=threads, report=report, progress=progress_for(json_out), write=is_main_process(),
-        batch_sizes=sizes, batch_samples=batch_samples, plot=plot, output_kind=output_kind, heldout=heldout,
+        batch_sizes=sizes, batch_samples=batch_samples, plot=plot, output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol,
         latency_budget=latency_budget,
     )
     if json_out:

@@ -14,6 +14,8 @@ from .calibrate_cmd import (
     CalibBatchOpt,
     CalibOpt,
     CalibSamplesOpt,
+    DecodeOpt,
+    DecodeTolOpt,
     HeldoutOpt,
     LrOpt,
     OutputKindOpt,
@@ -71,6 +73,8 @@ def convert(
     recover_batch: RecoverBatchOpt = None,
     output_kind: OutputKindOpt = None,
     heldout: HeldoutOpt = None,
+    decode: DecodeOpt = None,
+    decode_tol: DecodeTolOpt = None,
     seed: SeedOpt = 0,
     lr: LrOpt = DEFAULT_LR,
     images: Annotated[Optional[int], typer.Option("--images", help="the model takes a list of this many images (C,H,W from --input-shape); torchvision detectors are recognised and default to 1. The ONNX takes exactly that many.")] = None,
@@ -91,7 +95,7 @@ def convert(
         exporter=exporter, opset=opset, atol=atol, rtol=rtol, keep_failed=keep_failed, calib=calib,
         calib_samples=calib_samples, calib_batch=calib_batch, recover_steps=recover_steps, recover_batch=recover_batch,
         seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out), dtype=dtype,
-        images=images, output_kind=output_kind, heldout=heldout,
+        images=images, output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol,
     )
     if json_out:
         print_json(result.to_dict())

@@ -24,6 +24,8 @@ from .calibrate_cmd import (
     CalibBatchOpt,
     CalibSamplesOpt,
     FeatureWeightOpt,
+    DecodeOpt,
+    DecodeTolOpt,
     HeldoutOpt,
     LrOpt,
     NoAugmentOpt,
@@ -94,6 +96,8 @@ def recover(
     no_strict: NoStrictOpt = False,
     output_kind: OutputKindOpt = None,
     heldout: HeldoutOpt = None,
+    decode: DecodeOpt = None,
+    decode_tol: DecodeTolOpt = None,
     keep_last: Annotated[bool, typer.Option("--keep-last", help="save the last step even when it agrees less with the original than the saved conversion.")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -112,7 +116,7 @@ def recover(
         recover_batch=recover_batch, lr=lr, temperature=temperature, feature_weight=feature_weight, seed=seed,
         target_agreement=target_agreement, augment=not no_augment, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=not no_resume, keep_last=keep_last, out=out, report=report,
-        progress=progress_for(json_out), write=is_main_process(), output_kind=output_kind, heldout=heldout,
+        progress=progress_for(json_out), write=is_main_process(), output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol,
     )
     if json_out:
         print_json(result.to_dict())

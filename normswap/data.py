@@ -56,15 +56,17 @@ class CalibrationData:
         num_samples: int | None,
         batch: int,
         sample_shape: Sequence[int] | None = None,
+        model_shape: Sequence[int] | None = None,
     ) -> None:
         self._make_iter = make_iter
         self.description = description
         self.num_samples = num_samples
         self.batch = batch
         self.sample_shape = None if sample_shape is None else list(sample_shape)
+        self.model_shape = None if model_shape is None else list(model_shape)  # the model's declared input [1, C, ...]
 
     def __iter__(self) -> Iterator[Batch]:
-        return self._make_iter()
+        return _checked(self._make_iter(), self)
 
     def __len__(self) -> int:
         if self.num_samples is None:
@@ -78,6 +80,50 @@ class CalibrationData:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.description, "samples": self.num_samples, "batch": self.batch,
                 "sample_shape": self.sample_shape}
+
+
+def first_bad_sample(x: Tensor) -> tuple[int, str] | None:
+    """(index, 'NaN' / 'Inf') of the first sample of ``x`` holding a non-finite value, else None."""
+    if not x.is_floating_point() and not x.is_complex():
+        return None
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1) if x.dim() > 0 else ~torch.isfinite(x).reshape(1)
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0, 0])
+    return i, "NaN" if bool(torch.isnan(x[i]).any()) else "Inf"
+
+
+def check_finite(x: Tensor, description: str, offset: int = 0) -> None:
+    """An :class:`InputError` naming ``description`` and the first sample (counting from ``offset``)
+    that holds NaN or Inf: bad data is the data's fault, refused before it reaches a model."""
+    found = first_bad_sample(x)
+    if found is not None:
+        i, what = found
+        raise InputError(f"{description}: sample {offset + i} holds {what}; remove or fix the non-finite samples "
+                         "(normswap fits and measures on finite inputs only)")
+
+
+def _checked(batches: Iterator[Batch], data: CalibrationData) -> Iterator[Batch]:
+    """``data``'s batches, each checked as it is drawn: finite, and every sample of the shape of the first
+    (and of the model's declared input, when it declares one) — one line naming both shapes otherwise."""
+    seen = 0
+    want = data.sample_shape
+    for b in batches:
+        x = b[0]
+        got = list(x.shape[1:])
+        if want is None:
+            want = got
+            if data.model_shape is not None and (len(got) != len(data.model_shape) - 1 or got[0] != data.model_shape[1]):
+                raise InputError(f"calibration data {data.description}: the first batch has samples "
+                                 f"of shape {got} but the model takes {list(data.model_shape[1:])} "
+                                 f"(input shape {list(data.model_shape)})")
+        elif got != want and (len(got) != len(want) or got[0] != want[0]):
+            raise InputError(f"calibration data {data.description}: the batch starting at sample {seen} has samples of shape "
+                             f"{got}, the earlier ones {want}; every batch must hold samples of one shape")
+        for t in b:
+            check_finite(t, f"calibration data {data.description}", seen)
+        seen += int(x.shape[0])
+        yield b
 
 
 def _check_counts(samples: int | None, batch: int) -> None:
@@ -99,6 +145,7 @@ def _tensors_data(xs: Sequence[Tensor], description: str, samples: int | None, b
             raise InputError(
                 f"calibration data {description} holds {x.dtype} values; give float inputs (what the model takes)"
             )
+        check_finite(x, f"calibration data {description}")  # the whole file, before any work
 
     def it() -> Iterator[Batch]:
         for i in range(0, n, batch):
@@ -236,7 +283,7 @@ def _as_batch(item: Any, spec: str, index: int) -> Batch:
     return (x,)
 
 
-def _callable_data(spec: str, *, samples: int | None, batch: int) -> CalibrationData:
+def _callable_data(spec: str, *, samples: int | None, batch: int, model_shape: Sequence[int] | None = None) -> CalibrationData:
     from .load import resolve_callable
 
     fn = resolve_callable(spec)
@@ -248,8 +295,8 @@ def _callable_data(spec: str, *, samples: int | None, batch: int) -> Calibration
             raise
         except Exception as e:  # noqa: BLE001
             raise InputError(f"calibration callable '{spec}' raised {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}") from None
-        if isinstance(source, Tensor):
-            source = [source]
+        if isinstance(source, Tensor) or _is_labelled_pair(source):
+            source = [source]  # one batch: a tensor, or (inputs, labels)
         if not isinstance(source, Iterable):
             raise InputError(f"calibration callable '{spec}' returned a {type(source).__name__}; return an iterable of batches")
         left = samples
@@ -270,7 +317,13 @@ def _callable_data(spec: str, *, samples: int | None, batch: int) -> Calibration
         if count == 0:
             raise InputError(f"calibration callable '{spec}' yielded no batches; return at least one batch")
 
-    return CalibrationData(it, description=f"{spec} (callable)", num_samples=None, batch=batch)
+    return CalibrationData(it, description=f"{spec} (callable)", num_samples=None, batch=batch, model_shape=model_shape)
+
+
+def _is_labelled_pair(v: Any) -> bool:
+    """``(x [N, ...], y [N, ...])``: two tensors of one length, x of higher rank — inputs and their labels."""
+    return (isinstance(v, tuple) and len(v) == 2 and all(isinstance(t, Tensor) for t in v) and v[0].dim() > 0
+            and v[1].dim() > 0 and v[0].shape[0] == v[1].shape[0] and v[0].dim() > v[1].dim())
 
 
 def calibration_batches(
@@ -324,7 +377,7 @@ def calibration_batches(
         _check_shape(data, model)
         return data
     if ":" in text:
-        return _callable_data(text, samples=samples, batch=batch)
+        return _callable_data(text, samples=samples, batch=batch, model_shape=_model_shape(model))
     raise InputError(
         f"calibration data '{text}' not found; give 'digits', a tensor file (.pt/.npy/.safetensors), "
         "an image folder or module:callable"

@@ -23,6 +23,13 @@ class RewriteError(NormswapError):
     exit_code = 2
 
 
+class NonFiniteError(NormswapError):
+    """A stage (calibration, recovery) left the model with NaN/Inf weights or outputs: it is never saved
+    or exported; the message names the stage and the first bad tensor."""
+
+    exit_code = 3
+
+
 class ParityError(NormswapError):
     """The rewritten or exported model does not compute what the original did."""
 

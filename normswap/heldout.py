@@ -124,9 +124,16 @@ def heldout_data(spec: Any, model: Any, loaded: Any, *, batch: int = 256) -> tup
     (None, None) — and then the caller holds out part of the calibration data (:func:`split_heldout`)."""
     from .pipeline.stages import heldout_for
 
+    from .data import _is_labelled_pair, check_finite
+
     if spec is not None:
+        if isinstance(spec, str) and ":" in spec and not spec.strip().endswith(tuple(TENSOR_FILE_ENDINGS)):
+            labelled = _labelled_callable(spec.strip())
+            if labelled is not None:  # (inputs, labels): the kind's ground-truth measure too
+                spec = labelled
         if isinstance(spec, tuple) and len(spec) == 2:
-            return spec, "the given held-out data"
+            check_finite(spec[0], "the held-out data" if not isinstance(spec, str) else f"--heldout {spec}")
+            return spec, "the given held-out data" if not _is_labelled_pair(spec) else "the given held-out data (labelled)"
         if isinstance(spec, str) and spec.strip() == "digits":  # --calib digits is the train split; held out: the test split
             from .models.digits import load_digits
 
@@ -138,14 +145,103 @@ def heldout_data(spec: Any, model: Any, loaded: Any, *, batch: int = 256) -> tup
     return heldout_for(model, loaded)
 
 
-def check_options(output_kind: str | None, heldout: Any, calib: Any) -> None:
-    """Torch-free checks of ``--output-kind`` and ``--heldout`` (before any work)."""
+TENSOR_FILE_ENDINGS = (".pt", ".pth", ".npy", ".npz", ".safetensors")
+
+
+def _labelled_callable(spec: str) -> tuple[Any, Any] | None:
+    """A ``--heldout module:callable`` that returns ``(inputs, labels)`` (two tensors of one length): that
+    pair, labels kept; else None (its batches are read as calibration data is)."""
+    from .data import _is_labelled_pair
+    from .errors import InputError, first_line
+    from .load import resolve_callable
+
+    fn = resolve_callable(spec)
+    try:
+        got = fn()
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code
+        raise InputError(f"held-out callable '{spec}' raised {first_line(e)}") from None
+    return got if _is_labelled_pair(got) else None
+
+
+def check_options(output_kind: str | None, heldout: Any, calib: Any, decode: Any = None, decode_tol: Any = None) -> None:
+    """Torch-free checks of ``--output-kind``, ``--heldout``, ``--decode`` and ``--decode-tol`` (before any work)."""
+    import math
+
     from .errors import InputError
     from .kinds import check_name
 
     check_name(output_kind)
+    if decode_tol is not None and (isinstance(decode_tol, bool) or not isinstance(decode_tol, (int, float))
+                                   or not math.isfinite(decode_tol) or decode_tol < 0):
+        raise InputError(f"--decode-tol must be a non-negative number (in the decoder's units), got {decode_tol!r}")
+    if (decode is not None or decode_tol is not None) and calib is None:
+        raise InputError("--decode measures agreement after calibration and recovery; add --calib DATA")
+    if isinstance(decode, str) and ":" not in decode:
+        raise InputError(f"--decode {decode!r} is not a module:function or file.py:function spec")
     if heldout is not None and calib is None:
         raise InputError("--heldout measures calibration and recovery; add --calib DATA (e.g. --calib digits)")
     if isinstance(heldout, str) and isinstance(calib, str) and heldout.strip() == calib.strip() and heldout.strip() != "digits":
         raise InputError(f"--heldout {heldout} is the --calib data itself; held-out data must be data the fit never sees "
                          "(omit --heldout to hold out 20% of the calibration data)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# deciding on held-out data: paired per-sample losses, a difference only beyond its noise
+
+#: a difference is called only beyond this many standard errors of the paired difference ...
+NOISE_Z = 2.0
+#: ... and beyond this fraction of the reference's mean loss (float noise of the loss itself)
+NOISE_REL = 1e-3
+
+
+@dataclass
+class LossComparison:
+    """A candidate's per-sample held-out losses against a reference's, on the same samples (paired):
+    ``mean_diff`` = mean(candidate − reference), ``se`` its standard error, over ``n`` samples. The
+    candidate is :attr:`lower` / :attr:`higher` only when the difference exceeds
+    ``max(NOISE_Z · se, NOISE_REL · mean reference loss)``; otherwise the held-out set cannot tell them apart."""
+
+    mean_diff: float
+    se: float
+    n: int
+    reference_mean: float
+    z: float = NOISE_Z
+    rel: float = NOISE_REL
+
+    @property
+    def margin(self) -> float:
+        return max(self.z * self.se, self.rel * abs(self.reference_mean))
+
+    @property
+    def lower(self) -> bool:
+        return self.mean_diff < -self.margin
+
+    @property
+    def higher(self) -> bool:
+        return self.mean_diff > self.margin
+
+    @property
+    def word(self) -> str:
+        return "lower" if self.lower else "higher" if self.higher else "within noise"
+
+    def describe(self) -> str:
+        return f"Δ held-out loss {self.mean_diff:+.4g} ± {self.se:.2g} (paired, n = {self.n}): {self.word}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean_diff": self.mean_diff, "se": self.se, "samples": self.n, "margin": self.margin, "verdict": self.word}
+
+
+def compare_losses(candidate: Any, reference: Any, *, z: float = NOISE_Z, rel: float = NOISE_REL) -> LossComparison:
+    """Compare two models' per-sample held-out losses (1-D tensors over the same samples, same order):
+    the paired difference d = candidate − reference, its mean and standard error √(var(d)/n)."""
+    import torch
+
+    c, r = torch.as_tensor(candidate, dtype=torch.float64).reshape(-1), torch.as_tensor(reference, dtype=torch.float64).reshape(-1)
+    if c.shape != r.shape or c.numel() == 0:
+        raise ValueError(f"paired losses need the same samples: got {list(c.shape)} and {list(r.shape)}")
+    d = c - r
+    n = int(d.numel())
+    se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("inf")
+    return LossComparison(mean_diff=float(d.mean()), se=se, n=n, reference_mean=float(r.mean()), z=z, rel=rel)

@@ -17,10 +17,21 @@ probabilities   [N, K], ≥ 0, rows sum to 1 (softmax)     the same KL on log p 
                                                          clamped at 1e-6: no log(0)
 multilabel      [N, K] (or [N]) in [0, 1] (sigmoid)      T²·Σ_labels binary KL, on the logits log(p/(1−p)) label agreement at 0.5, MAE, rel err
                                                          of both (clamped to [1e-6, 1 − 1e-6])
+peaked          [N, K], K ≥ 16, in [0, 1], each row one  T²·KL of the rows normalised to sum 1 (the bump's  peak within ±1 bin, mean |Δpeak| (bins),
+                bump: a pitch / angle / age histogram    position and shape) + the per-bin binary KL        top-1, top-1 ±1, MAE, rel err
 regression      anything else ([N, D], features, maps)   mean (s − t)² / the original's per-output        R², rel err
                                                          variance over the batch
 dense           [N, C, H, W], C > 1, unbounded           T²·per-pixel KL over C                            pixel top-1 agreement, mIoU vs the original, rel err
 =============== ======================================== ================================================ =========================
+
+Every kind with a class or bin axis also reports top-1 agreement and top-1 within ±1 bin
+(:data:`WITHIN_BINS`). A *decoder* (``decode=`` / ``--decode module:fn``, or the model's
+``normswap_decode``) maps an output to the value the user reads (a pitch in cents, an angle); with it the
+first output's measures lead with agreement in those units (:class:`Decoded`: the fraction within
+``decode_tol``, the mean absolute difference), and that is the measure every report cites.
+
+Every measure carries its sample count, and each proportion a 95% Wilson interval
+(:meth:`Measures.interval`): a held-out figure over 51 samples is one sample in 2 points.
 
 A dict / list / tuple output gets a kind per tensor leaf (:class:`Outputs`): the loss is the sum over
 the leaves, the first leaf's measures keep their names and the others are prefixed by their path
@@ -35,13 +46,22 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any
 
-__all__ = ["KIND_NAMES", "Kind", "Measures", "Meter", "Outputs", "detect", "detect_kind", "get", "outputs_for", "register"]
+__all__ = ["KIND_NAMES", "Decoded", "Kind", "Measures", "Meter", "Outputs", "detect", "detect_kind", "get", "outputs_for", "register",
+           "wilson"]
 
 #: every ``--output-kind`` value (torch-free)
-KIND_NAMES = ("logits", "probabilities", "multilabel", "regression", "dense")
+KIND_NAMES = ("logits", "probabilities", "multilabel", "peaked", "regression", "dense")
 
 #: probabilities are clamped to [EPS, 1 − EPS] before their logarithm / logit
 EPS = 1e-6
+#: top-1 "within ±k bins" is reported with this k for every output with a class or bin axis
+WITHIN_BINS = 1
+#: a peaked row's position is the output-weighted mean bin index over ±PEAK_HALF_WIDTH bins around its argmax
+PEAK_HALF_WIDTH = 4
+#: a sigmoid output is *peaked* when it has at least this many bins ...
+PEAKED_MIN_BINS = 16
+#: ... and the median row holds at least this fraction of its mass within ±PEAK_HALF_WIDTH bins of its argmax
+PEAKED_MASS = 0.6
 
 _REGISTRY: dict[str, Kind] = {}
 
@@ -83,14 +103,21 @@ class Kind(ABC):
     labels: dict[str, str] = {}
     #: what the ground-truth measure is called (``accuracy`` for a classifier)
     truth_label = "accuracy"
+    #: the measures that are proportions (they get a Wilson interval over the sample count)
+    proportions: tuple[str, ...] = ()
 
     @property
     def primary(self) -> str:
         return self.measures[0]
 
     @abstractmethod
-    def loss(self, s: Any, t: Any, temperature: float) -> Any:
+    def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
+        """The distillation loss of each sample ``[N]`` (student ``s``, original ``t``, differentiable in ``s``)."""
         ...
+
+    def loss(self, s: Any, t: Any, temperature: float) -> Any:
+        """The distillation loss of the batch: the mean of :meth:`sample_losses`."""
+        return self.sample_losses(s, t, temperature).mean()
 
     @abstractmethod
     def sums(self, r: Any, o: Any) -> dict[str, Any]:
@@ -114,32 +141,49 @@ def _f64(t: Any) -> Any:
     return t.detach().double()
 
 
+def _top1_sums(r: Any, o: Any) -> Any:
+    """[top-1 matches, top-1 within ±WITHIN_BINS, samples] (float64) over a class / bin axis (dim 1)."""
+    import torch
+
+    r2, o2 = r.reshape(r.shape[0], r.shape[1], -1), o.reshape(o.shape[0], o.shape[1], -1)
+    a, b = r2.argmax(1), o2.argmax(1)
+    match = (a == b).double().mean(-1).sum()  # a dense output's pixels count as a fraction of their sample
+    near = ((a - b).abs() <= WITHIN_BINS).double().mean(-1).sum()
+    return torch.stack([match, near, torch.tensor(float(r.shape[0]), dtype=torch.float64, device=r.device)])
+
+
+def _top1_values(v: Any) -> dict[str, float | None]:
+    match, near, count = (float(x) for x in v)
+    return {"top1_agreement": match / count if count else None, "top1_within": near / count if count else None}
+
+
+_TOP1_LABELS = {"top1_agreement": "top-1 agreement", "top1_within": f"top-1 within ±{WITHIN_BINS} bin"}
+
+
 class Logits(Kind):
     name = "logits"
-    measures = ("top1_agreement",)
-    labels = {"top1_agreement": "top-1 agreement"}
+    measures = ("top1_agreement", "top1_within")
+    labels = dict(_TOP1_LABELS)
+    proportions = ("top1_agreement", "top1_within")
 
     def log_probs(self, x: Any, temperature: float) -> Any:
         import torch.nn.functional as F
 
         return F.log_softmax(x / temperature, 1)
 
-    def loss(self, s: Any, t: Any, temperature: float) -> Any:
-        import torch.nn.functional as F
-
+    def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
         T = float(temperature)
-        return F.kl_div(self.log_probs(s, T), self.log_probs(t.detach(), T), log_target=True, reduction="batchmean") * T * T
+        ls, lt = self.log_probs(s, T), self.log_probs(t.detach(), T)
+        return (lt.exp() * (lt - ls)).reshape(s.shape[0], -1).sum(1) * T * T
 
     def sums(self, r: Any, o: Any) -> dict[str, Any]:
-        import torch
-
         r2, o2 = r.reshape(r.shape[0], -1) if r.dim() > 2 else r, o.reshape(o.shape[0], -1) if o.dim() > 2 else o
-        match = (r2.argmax(1) == o2.argmax(1)).sum().double()
-        return {"cls": torch.stack([match, torch.tensor(float(r.shape[0]), dtype=torch.float64, device=r.device)])}
+        if r2.dim() < 2:
+            r2, o2 = r2.reshape(-1, 1), o2.reshape(-1, 1)
+        return {"cls": _top1_sums(r2, o2)}
 
     def values(self, sums: dict[str, Any]) -> dict[str, float | None]:
-        match, count = (float(v) for v in sums["cls"])
-        return {"top1_agreement": match / count if count else None}
+        return _top1_values(sums["cls"])
 
     def truth(self, pred: Any, y: Any) -> float:
         return float((pred.argmax(1).cpu() == y.cpu()).double().mean()) if len(y) else math.nan
@@ -160,16 +204,17 @@ class Multilabel(Kind):
     """Independent sigmoid outputs in [0, 1]."""
 
     name = "multilabel"
-    measures = ("label_agreement", "mae")
-    labels = {"label_agreement": "label agreement @0.5", "mae": "MAE"}
+    measures = ("label_agreement", "mae", "top1_agreement", "top1_within")
+    labels = {"label_agreement": "label agreement @0.5", "mae": "MAE", **_TOP1_LABELS}
     truth_label = "label accuracy"
+    proportions = ("label_agreement", "top1_agreement", "top1_within")
 
     @staticmethod
     def logit(p: Any) -> Any:
         p = p.clamp(EPS, 1 - EPS)
         return p.log() - (-p).log1p()
 
-    def loss(self, s: Any, t: Any, temperature: float) -> Any:
+    def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
         import torch.nn.functional as F
 
         T = float(temperature)
@@ -177,21 +222,79 @@ class Multilabel(Kind):
         qt = zt.sigmoid()
         # binary KL(q_t ‖ q_s) per label, from log-sigmoids of the logits (stable at both ends)
         kl = qt * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - qt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))
-        return kl.sum() / max(int(s.shape[0]), 1) * T * T
+        return kl.reshape(s.shape[0], -1).sum(1) * T * T
 
     def sums(self, r: Any, o: Any) -> dict[str, Any]:
         import torch
 
         agree = ((r > 0.5) == (o > 0.5)).sum().double()
-        return {"ml": torch.stack([agree, torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
-                                   (_f64(o) - _f64(r)).abs().sum()])}
+        out = {"ml": torch.stack([agree, torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device),
+                                  (_f64(o) - _f64(r)).abs().sum()])}
+        if r.dim() >= 2 and r.shape[1] > 1:
+            out["cls"] = _top1_sums(r, o)
+        return out
 
     def values(self, sums: dict[str, Any]) -> dict[str, float | None]:
         agree, count, abs_err = (float(v) for v in sums["ml"])
-        return {"label_agreement": agree / count if count else None, "mae": abs_err / count if count else None}
+        vals: dict[str, float | None] = {"label_agreement": agree / count if count else None, "mae": abs_err / count if count else None}
+        vals.update(_top1_values(sums["cls"]) if "cls" in sums else {"top1_agreement": None, "top1_within": None})
+        return vals
 
     def truth(self, pred: Any, y: Any) -> float:
         return float(((pred.cpu() > 0.5) == (y.cpu().reshape(pred.shape) > 0.5)).double().mean())
+
+
+def peak_position(p: Any) -> Any:
+    """Each row's peak as a fractional bin index: the mean of the bin indices within ±PEAK_HALF_WIDTH of
+    the argmax, weighted by the outputs (a pitch tracker's local weighted average, in bins)."""
+    import torch
+
+    p = _f64(p).reshape(p.shape[0], -1)
+    centre = p.argmax(1)
+    idx = (centre[:, None] + torch.arange(-PEAK_HALF_WIDTH, PEAK_HALF_WIDTH + 1, device=p.device)[None, :]).clamp(0, p.shape[1] - 1)
+    w = p.gather(1, idx).clamp_min(0)
+    pos = (w * idx.double()).sum(1) / w.sum(1).clamp_min(1e-12)
+    return torch.where(w.sum(1) > 0, pos, centre.double())
+
+
+class Peaked(Multilabel):
+    """Sigmoid bins whose rows are one bump (a pitch, angle or age histogram trained on blurred one-hot
+    targets): what is read is the peak, so the measures are the peak's position and the loss keeps the
+    row's shape (KL of the rows normalised to sum 1) as well as each bin (the multilabel term)."""
+
+    name = "peaked"
+    measures = ("peak_within", "peak_mad", "top1_agreement", "top1_within", "mae")
+    labels = {"peak_within": "peak within ±1 bin", "peak_mad": "mean |Δpeak| (bins)", "mae": "MAE", **_TOP1_LABELS}
+    truth_label = "peak accuracy (±1 bin)"
+    proportions = ("peak_within", "top1_agreement", "top1_within")
+
+    def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
+        import torch.nn.functional as F
+
+        T = float(temperature)
+        ls = F.log_softmax(s.reshape(s.shape[0], -1).clamp_min(EPS).log() / T, 1)
+        lt = F.log_softmax(t.detach().reshape(t.shape[0], -1).clamp_min(EPS).log() / T, 1)
+        rows = (lt.exp() * (lt - ls)).sum(1) * T * T
+        return rows + super().sample_losses(s, t, temperature)
+
+    def sums(self, r: Any, o: Any) -> dict[str, Any]:
+        import torch
+
+        d = (peak_position(o) - peak_position(r)).abs()
+        n = torch.tensor(float(r.shape[0]), dtype=torch.float64, device=r.device)
+        return {**super().sums(r, o), "peak": torch.stack([(d <= 1.0).double().sum(), d.sum(), n])}
+
+    def values(self, sums: dict[str, Any]) -> dict[str, float | None]:
+        within, dsum, n = (float(v) for v in sums["peak"])
+        base = super().values(sums)
+        return {"peak_within": within / n if n else None, "peak_mad": dsum / n if n else None,
+                "top1_agreement": base["top1_agreement"], "top1_within": base["top1_within"], "mae": base["mae"]}
+
+    def truth(self, pred: Any, y: Any) -> float:
+        """Against per-bin targets ``[N, K]`` (peak vs peak) or bin positions ``[N]``: within ±1 bin."""
+        y = y.cpu()
+        ty = peak_position(y) if y.dim() == 2 and y.shape == pred.shape else _f64(y).reshape(-1)
+        return float(((peak_position(pred.cpu()) - ty).abs() <= 1.0).double().mean())
 
 
 class Regression(Kind):
@@ -202,14 +305,14 @@ class Regression(Kind):
     labels = {"r2": "R² vs original"}
     truth_label = "R² vs labels"  # two R² columns side by side: say which is which
 
-    def loss(self, s: Any, t: Any, temperature: float) -> Any:
+    def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
         t = t.detach()
         if t.shape[0] > 1:
             var = t.var(0, unbiased=False)
             var = var.clamp_min(float(var.mean()) * 1e-3 + 1e-12)
         else:
             var = (t * t).mean().clamp_min(1e-12)
-        return ((s - t) ** 2 / var).mean()
+        return ((s - t) ** 2 / var).reshape(s.shape[0], -1).mean(1)
 
     def sums(self, r: Any, o: Any) -> dict[str, Any]:
         import torch
@@ -238,14 +341,15 @@ class Dense(Kind):
     measures = ("pixel_agreement", "miou")
     labels = {"pixel_agreement": "pixel top-1 agreement", "miou": "mIoU vs original"}
     truth_label = "pixel accuracy"
+    proportions = ("pixel_agreement",)
 
-    def loss(self, s: Any, t: Any, temperature: float) -> Any:
+    def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
         import torch.nn.functional as F
 
         T = float(temperature)
         ls, lt = F.log_softmax(s / T, 1), F.log_softmax(t.detach() / T, 1)
-        pixels = s.numel() // s.shape[1]
-        return (lt.exp() * (lt - ls)).sum() / max(pixels, 1) * T * T
+        pixels = max(s.numel() // (s.shape[1] * s.shape[0]), 1)
+        return (lt.exp() * (lt - ls)).reshape(s.shape[0], -1).sum(1) / pixels * T * T
 
     def sums(self, r: Any, o: Any) -> dict[str, Any]:
         import torch
@@ -268,7 +372,112 @@ class Dense(Kind):
         return float((pred.argmax(1).cpu() == y.cpu().reshape(pred.shape[0], *pred.shape[2:])).double().mean())
 
 
-for _k in (Logits(), Probabilities(), Multilabel(), Regression(), Dense()):
+class Decoded(Kind):
+    """A kind read through the user's decoder ``fn`` (output ``[N, ...]`` → the value the user reads,
+    ``[N]`` or ``[N, D]``: a pitch in cents, an angle, a count): the measures lead with agreement in those
+    units — the fraction of samples whose decoded value is within ``tol`` of the original's (every
+    component, for ``[N, D]``) and the mean absolute difference — then the base kind's own. The loss is the
+    base kind's (a decoder need not be differentiable)."""
+
+    def __init__(self, base: Kind, fn: Any, tol: float, *, unit: str = "", spec: str = "") -> None:
+        self.base, self.fn, self.tol, self.unit, self.spec = base, fn, float(tol), unit, spec
+        self.name = base.name
+        u = f" {unit}" if unit else ""
+        self.measures = ("decoded_within", "decoded_mad", *base.measures)
+        self.labels = {"decoded_within": f"decoded within ±{tol:g}{u}", "decoded_mad": f"decoded mean |Δ|{f' ({unit})' if unit else ''}",
+                       **base.labels}
+        self.truth_label = f"accuracy within ±{tol:g}{u}"
+        self.proportions = ("decoded_within", *base.proportions)
+
+    def decode(self, out: Any) -> Any:
+        """The decoder's values for ``out`` as float64 ``[N, D]``; one-line :class:`InputError` when it fails."""
+        from torch import Tensor
+
+        from .errors import InputError, first_line
+
+        who = f"the decoder {self.spec}" if self.spec else "the decoder"
+        try:
+            v = self.fn(out.detach())
+        except Exception as e:  # noqa: BLE001 - the user's code: say what it raised
+            raise InputError(f"{who} raised {first_line(e)} on an output of shape {list(out.shape)}; "
+                             "it takes the model's output [N, ...] and returns [N] or [N, D] values") from None
+        if not isinstance(v, Tensor) or v.dim() not in (1, 2) or v.shape[0] != out.shape[0]:
+            got = list(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise InputError(f"{who} returned {got} for an output of shape {list(out.shape)}; return [N] or [N, D] values, "
+                             f"one row per sample (N = {out.shape[0]})")
+        return _f64(v).reshape(v.shape[0], -1)
+
+    def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
+        return self.base.sample_losses(s, t, temperature)
+
+    def sums(self, r: Any, o: Any) -> dict[str, Any]:
+        import torch
+
+        d = (self.decode(o) - self.decode(r)).abs()
+        d = torch.where(torch.isfinite(d), d, torch.full_like(d, math.inf))  # a NaN decode is a miss
+        within = (d <= self.tol).all(1).double().sum()
+        mad = d.mean(1)
+        n = torch.tensor(float(r.shape[0]), dtype=torch.float64, device=r.device)
+        return {**self.base.sums(r, o), "dec": torch.stack([within, mad[torch.isfinite(mad)].sum(), n])}
+
+    def values(self, sums: dict[str, Any]) -> dict[str, float | None]:
+        within, dsum, n = (float(v) for v in sums["dec"])
+        return {"decoded_within": within / n if n else None, "decoded_mad": dsum / n if n else None,
+                **self.base.values({k: v for k, v in sums.items() if k != "dec"})}
+
+    def truth(self, pred: Any, y: Any) -> float:
+        """Against labels in the decoder's units (``[N]`` or ``[N, D]``): the fraction within ``tol``."""
+        d = (self.decode(pred).cpu() - _f64(y).cpu().reshape(pred.shape[0], -1)).abs()
+        return float((d <= self.tol).all(1).double().mean()) if len(d) else math.nan
+
+    def __repr__(self) -> str:
+        return f"<output kind {self.name} read through {self.spec or 'a decoder'} (±{self.tol:g}{' ' + self.unit if self.unit else ''})>"
+
+
+def resolve_decoder(decode: Any, decode_tol: float | None, model: Any = None) -> tuple[Any, float, str, str] | None:
+    """(fn, tol, unit, spec) of the decoder to read outputs through: ``decode`` (a callable or a
+    ``module:callable`` / ``file.py:callable`` spec), else the model's ``normswap_decode`` attribute, else
+    None. ``tol``: ``decode_tol``, else the decoder's ``tolerance`` attribute; ``unit``: its ``unit``."""
+    from .errors import InputError
+
+    if decode is None:
+        decode = getattr(model, "normswap_decode", None) if model is not None else None
+        if decode is None:
+            if decode_tol is not None:
+                raise InputError("--decode-tol is the tolerance of a decoder; add --decode module:fn")
+            return None
+    spec = decode if isinstance(decode, str) else (f"{getattr(decode, '__module__', '')}:{decode.__qualname__}"
+                                                   if hasattr(decode, "__qualname__") else type(decode).__name__)
+    if isinstance(decode, str):
+        from .load import resolve_callable
+
+        fn = resolve_callable(decode)
+    else:
+        fn = decode
+    if not callable(fn):
+        raise InputError(f"--decode {spec} is not callable; name a function from the model's output to the value you read")
+    tol = decode_tol if decode_tol is not None else getattr(fn, "tolerance", None)
+    if tol is None:
+        raise InputError(f"the decoder {spec} has no tolerance: add --decode-tol T (in its units: how far apart two readings "
+                         "may be and still count as the same)")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise InputError(f"--decode-tol must be a non-negative number, got {tol!r}")
+    return fn, float(tol), str(getattr(fn, "unit", "") or ""), spec
+
+
+def wilson(p: float | None, n: int | None, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion ``p`` observed over ``n`` trials:
+    ``(p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)``; None without data."""
+    if p is None or not n or not math.isfinite(p):
+        return None
+    p = min(max(p, 0.0), 1.0)
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+for _k in (Logits(), Probabilities(), Multilabel(), Peaked(), Regression(), Dense()):
     register(_k)
 
 
@@ -290,12 +499,32 @@ def detect_kind(t: Any) -> tuple[str, str]:
     if t.dim() == 2 and shape[1] > 1:
         if unit and float((t.double().sum(1) - 1).abs().max()) < 1e-3:
             return "probabilities", f"{shape}, rows in [0, 1] summing to 1 (softmax)"
+        if unit and shape[1] >= PEAKED_MIN_BINS:
+            mass = _peak_mass(t)
+            if mass >= PEAKED_MASS:
+                return "peaked", (f"{shape}, values in [0, 1] (sigmoid), each row one bump: the median row holds "
+                                  f"{mass:.0%} of its mass within ±{PEAK_HALF_WIDTH} bins of its peak (a pitch / angle histogram)")
         if unit:
             return "multilabel", f"{shape}, values in [0, 1] (sigmoid), rows not summing to 1"
         return "logits", f"{shape}, unbounded values"
     if t.dim() <= 2 and unit and (t.dim() == 1 or shape[1] == 1):
         return "multilabel", f"{shape}, values in [0, 1] (a sigmoid)"
     return "regression", f"{shape}, values in [{lo:.3g}, {hi:.3g}]"
+
+
+def _peak_mass(t: Any) -> float:
+    """The median, over rows with a clear maximum (≥ 0.05), of the fraction of a row's mass within
+    ±PEAK_HALF_WIDTH bins of its argmax (1.0 for a single bump; ~(2w+1)/K for a flat or scattered row)."""
+    import torch
+
+    p = _f64(t).reshape(t.shape[0], -1).clamp_min(0)
+    idx = (p.argmax(1)[:, None] + torch.arange(-PEAK_HALF_WIDTH, PEAK_HALF_WIDTH + 1, device=p.device)[None, :]).clamp(0, p.shape[1] - 1)
+    near = torch.zeros_like(p).scatter_(1, idx, 1.0)
+    frac = (p * near).sum(1) / p.sum(1).clamp_min(1e-12)
+    clear = p.amax(1) >= 0.05
+    if int(clear.sum()) < max(1, t.shape[0] // 2):
+        return 0.0
+    return float(frac[clear].median())
 
 
 def _leaves_with_paths(out: Any) -> list[tuple[str, Any]]:
@@ -332,15 +561,31 @@ class Outputs:
     def label(self) -> str:
         return self.kind.labels[self.primary]
 
+    @property
+    def decoder(self) -> Decoded | None:
+        """The decoder the first output is read through, if any."""
+        return self.kinds[0] if isinstance(self.kinds[0], Decoded) else None
+
+    def with_decoder(self, fn: Any, tol: float, *, unit: str = "", spec: str = "") -> Outputs:
+        """These outputs, the first one read through ``fn`` (:class:`Decoded`)."""
+        base = self.kinds[0].base if isinstance(self.kinds[0], Decoded) else self.kinds[0]
+        kinds = [Decoded(base, fn, tol, unit=unit, spec=spec), *self.kinds[1:]]
+        return Outputs(kinds, self.paths, source=self.source, why=self.why)
+
     def describe(self) -> str:
         """One line: the kind(s) and how they were chosen."""
         how = {"given": "given (--output-kind)", "model": "declared by the model (normswap_output_kind)"}.get(self.source, "detected")
         why = f": {self.why[0]}" if self.source == "detected" and len(self.kinds) == 1 and self.why[0] else ""
-        return f"output kind {self.name}, {how}{why}"
+        dec = self.decoder
+        read = "" if dec is None else (f"; read through the decoder {dec.spec or ''} (same reading: within ±{dec.tol:g}"
+                                       f"{' ' + dec.unit if dec.unit else ''})")
+        return f"output kind {self.name}, {how}{why}{read}"
 
     def to_dict(self) -> dict[str, Any]:
+        dec = self.decoder
         return {"kind": self.name, "kinds": [k.name for k in self.kinds], "paths": self.paths, "source": self.source,
-                "primary": self.primary, "why": self.why}
+                "primary": self.primary, "why": self.why,
+                "decoder": None if dec is None else {"spec": dec.spec, "tolerance": dec.tol, "unit": dec.unit}}
 
     def _pairs(self, a: Any, b: Any) -> list[tuple[int, Kind, Any, Any]]:
         from torch import Tensor
@@ -360,6 +605,20 @@ class Outputs:
         total = None
         for k, s, t in pairs:
             v = k.loss(s, t, temperature)
+            total = v if total is None else total + v
+        return total
+
+    def sample_losses(self, s_out: Any, t_out: Any, temperature: float = 1.0) -> Any:
+        """Each sample's distillation loss ``[N]``, summed over the outputs (their mean is :meth:`loss`)."""
+        from .errors import NormswapError
+
+        pairs = [(k, s, t) for _, k, s, t in self._pairs(s_out, t_out)
+                 if s.is_floating_point() and s.shape == t.shape and s.dim() > 0]
+        if not pairs:
+            raise NormswapError("the student returned no floating-point tensor output matching the original's")
+        total = None
+        for k, s, t in pairs:
+            v = k.sample_losses(s, t, temperature)
             total = v if total is None else total + v
         return total
 
@@ -393,17 +652,25 @@ def outputs_for(out: Any, kind: str | Outputs | None = None, model: Any = None) 
     return Outputs([get(n) for n, _ in found], paths, source="detected", why=[w for _, w in found])
 
 
-def detect(model: Any, batches: Any, kind: str | Outputs | None = None, *, max_batches: int = 2) -> Outputs:
+def detect(model: Any, batches: Any, kind: str | Outputs | None = None, *, max_batches: int = 2, decode: Any = None,
+           decode_tol: float | None = None) -> Outputs:
     """The output kinds of ``model`` (eval mode, flags restored, no grad) from its outputs on the first
-    ``max_batches`` of ``batches`` (concatenated), unless ``kind`` (or the model) says."""
+    ``max_batches`` of ``batches`` (concatenated), unless ``kind`` (or the model) says; the first output
+    read through ``decode`` (or the model's ``normswap_decode``: :func:`resolve_decoder`) when there is one."""
+    if not isinstance(kind, Outputs):
+        found = _detect(model, batches, kind, max_batches)
+        dec = resolve_decoder(decode, decode_tol, model)
+        return found if dec is None else found.with_decoder(dec[0], dec[1], unit=dec[2], spec=dec[3])
+    return kind
+
+
+def _detect(model: Any, batches: Any, kind: str | None, max_batches: int) -> Outputs:
     import torch
     from torch.utils import _pytree as pytree
 
     from .data import as_batches
     from .parity import eval_mode
 
-    if isinstance(kind, Outputs):
-        return kind
     if kind is not None:
         check_name(kind)
     outs = []
@@ -437,27 +704,60 @@ class Measures(dict):
     primary: str = "top1_agreement"
     label: str = "top-1 agreement"
     outputs: Any = None  # the Outputs measured
+    n: int | None = None  # the samples the measures rest on
 
     @property
     def quality(self) -> float | None:
         return self.get(self.primary)
 
+    def labels(self) -> dict[str, str]:
+        own = self.outputs.kind.labels if self.outputs is not None else {}
+        return {**_LABELS, **own}
+
+    def interval(self, key: str | None = None) -> tuple[float, float] | None:
+        """The 95% Wilson interval of measure ``key`` (default: the primary) over the :attr:`n` samples,
+        when it is a proportion; else None."""
+        key = key or self.primary
+        props = self.outputs.kind.proportions if self.outputs is not None else ("top1_agreement", "top1_within")
+        return wilson(self.get(key), self.n) if key in props else None
+
+    def intervals(self) -> dict[str, list[float]]:
+        return {k: [round(a, 6), round(b, 6)] for k in self if (iv := self.interval(k)) is not None for a, b in [iv]}
+
+    def format(self, key: str | None = None) -> str:
+        """'0.9911 [0.9746–0.9971]': a measure with its interval (when it is a proportion)."""
+        key = key or self.primary
+        v = self.get(key)
+        if v is None:
+            return "—"
+        iv = self.interval(key)
+        return f"{v:.4f}" + (f" [{iv[0]:.4f}–{iv[1]:.4f}]" if iv is not None else "")
+
     def describe(self, data: str = "") -> str:
-        """'top-1 agreement 0.9911, output rel err 0.12' (+ ' on DATA')."""
+        """'top-1 agreement 0.9911 [0.9746–0.9971], …, output rel err 0.12, n = 450' (+ ' on DATA'):
+        the primary measure first, proportions with their 95% Wilson interval, and the sample count."""
+        labels = self.labels()
         parts = []
-        for k, v in self.items():
+        for k in sorted(self, key=lambda k: (k != self.primary, k == "rel_err")):
+            v = self.get(k)
             if v is None:
                 continue
-            name = _LABELS.get(k, k)
-            parts.append(f"{name} {v:.4f}" if k != "rel_err" else f"output rel err {v:.3g}")
-        return ", ".join(parts) + (f" on {data}" if data else "")
+            parts.append(f"{labels.get(k, k)} {self.format(k)}" if k != "rel_err" else f"output rel err {v:.3g}")
+        n = f" (n = {self.n})" if self.n else ""
+        return ", ".join(parts) + n + (f" on {data}" if data else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values, the sample count and the intervals (JSON-ready)."""
+        return {"values": {k: None if v is None else round(float(v), 6) for k, v in self.items()}, "samples": self.n,
+                "intervals": self.intervals(), "primary": self.primary}
 
 
 _LABELS = {k: v for kind in _REGISTRY.values() for k, v in kind.labels.items()}
 
 
-def measures_like(values: dict[str, float | None], outputs: Outputs | None) -> Measures:
+def measures_like(values: dict[str, float | None], outputs: Outputs | None, n: int | None = None) -> Measures:
     m = Measures(values)
+    m.n = n
     if outputs is not None:
         m.kind, m.primary, m.label, m.outputs = outputs.kind.name, outputs.primary, outputs.label, outputs
     return m
@@ -485,6 +785,8 @@ class Meter:
         for i, k, r, o in self.outputs._pairs(ref, out):
             if r.shape != o.shape or not r.is_floating_point():
                 continue
+            if i == 0 and r.dim() > 0:
+                self._acc("n", torch.tensor([float(r.shape[0])], dtype=torch.float64, device=r.device))
             r64, o64 = _f64(r), _f64(o)
             self._acc("rel", torch.stack([((o64 - r64) ** 2).sum(), (r64 * r64).sum()]))
             for name, v in k.sums(r, o).items():
@@ -524,4 +826,5 @@ class Meter:
             out["rel_err"] = None
         if not out or list(out) == ["rel_err"]:
             out = {"top1_agreement": None, **out}
-        return measures_like(out, self.outputs)
+        n = int(float(self.sums["n"][0])) if "n" in self.sums else None
+        return measures_like(out, self.outputs, n)

@@ -93,7 +93,8 @@ def test_losses_against_hand_computation():
     want_d = float((lt.exp() * (lt - ls)).sum(1).mean()) * T * T
     assert float(kinds.get("dense").loss(sd, td, T)) == pytest.approx(want_d, rel=1e-5)
     for name in kinds.KIND_NAMES:  # zero at a perfect match
-        x = {"logits": t, "probabilities": torch.softmax(t, 1), "multilabel": torch.sigmoid(t), "regression": t, "dense": td}[name]
+        x = {"logits": t, "probabilities": torch.softmax(t, 1), "multilabel": torch.sigmoid(t), "peaked": torch.sigmoid(t),
+                 "regression": t, "dense": td}[name]
         assert abs(float(kinds.get(name).loss(x, x, T))) < 1e-5, name
 
 
@@ -110,7 +111,10 @@ def test_measures_against_hand_computation():
     r, o = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g)
     rel = float((o - r).norm() / r.norm())
     got = _measure("logits", r, o)
-    assert got == pytest.approx({"top1_agreement": float((r.argmax(1) == o.argmax(1)).double().mean()), "rel_err": rel})
+    near = float(((r.argmax(1) - o.argmax(1)).abs() <= 1).double().mean())
+    assert got == pytest.approx({"top1_agreement": float((r.argmax(1) == o.argmax(1)).double().mean()), "top1_within": near,
+                                 "rel_err": rel})
+    assert got.n == 40
     pr, po = torch.sigmoid(r), torch.sigmoid(o + 0.5 * r)
     got = _measure("multilabel", pr, po)
     assert got["label_agreement"] == pytest.approx(float(((pr > 0.5) == (po > 0.5)).double().mean()))
@@ -294,7 +298,7 @@ def test_keep_function_on_a_sigmoid_model_holds_out_and_measures_its_kind(multil
     assert rep.evaluated_on == "20% of the calibration data held out (seeded split, seed 0, 64 samples)"
     assert rep.output_kind.startswith("output kind multilabel, detected")
     naive, cal = rep.stage("naive").agreement, rep.stage("calibrated").agreement
-    assert set(cal) == {"label_agreement", "mae", "rel_err"} and cal.quality == cal["label_agreement"]
+    assert set(cal) == {"label_agreement", "mae", "top1_agreement", "top1_within", "rel_err"} and cal.quality == cal["label_agreement"]
     assert cal["mae"] < naive["mae"] and cal["label_agreement"] >= naive["label_agreement"]
     assert rep.calibration.readout["link"] == "sigmoid" and rep.calibration.samples == 256
     assert rep.calibration.heldout["after"]["label_agreement"] == pytest.approx(cal["label_agreement"])

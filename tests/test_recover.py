@@ -64,9 +64,9 @@ class _Crash:
 
 def test_interrupted_run_resumes_to_the_same_weights(original, small, calibrated_gn, tmp_path):
     whole, resumed = copy.deepcopy(calibrated_gn), copy.deepcopy(calibrated_gn)
-    recover(original, whole, small, steps=10, seed=3, progress=False)
+    recover(original, whole, small, steps=10, seed=3, progress=False, batch_size=None)
     with pytest.raises(KeyboardInterrupt):
-        recover(original, resumed, _Crash(small, 4 + 7), steps=10, seed=3, progress=False,
+        recover(original, resumed, _Crash(small, 4 + 7), steps=10, seed=3, progress=False, batch_size=None,
                 checkpoint_dir=tmp_path, checkpoint_every=3)
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert state["step"] == 6  # the last complete checkpoint before the crash (4 batches went to evaluation)
@@ -74,12 +74,12 @@ def test_interrupted_run_resumes_to_the_same_weights(original, small, calibrated
     assert files == ["ckpt-0000006.optim.pt", "ckpt-0000006.safetensors", STATE_FILE]  # older ones removed
     blob = torch.load(tmp_path / "ckpt-0000006.optim.pt", weights_only=True)
     assert set(blob) >= {"optimizer", "rng"}
-    rep = recover(original, resumed, small, steps=10, seed=3, progress=False, checkpoint_dir=tmp_path, checkpoint_every=3)
+    rep = recover(original, resumed, small, steps=10, seed=3, progress=False, batch_size=None, checkpoint_dir=tmp_path, checkpoint_every=3)
     assert rep.resumed and rep.start_step == 6 and rep.end_step == 10 and not rep.notes
     assert [s for s, _ in rep.history] == list(range(1, 11))
     assert same_state(whole.model, snapshot(resumed.model))
     # nothing left to do: a third call resumes at the end and trains nothing
-    again = recover(original, resumed, small, steps=10, seed=3, progress=False, checkpoint_dir=tmp_path)
+    again = recover(original, resumed, small, steps=10, seed=3, progress=False, batch_size=None, checkpoint_dir=tmp_path)
     assert again.start_step == again.end_step == 10 and same_state(whole.model, snapshot(resumed.model))
 
 
@@ -107,7 +107,7 @@ def test_bad_arguments(original, small, calibrated_gn):
 
 def test_early_stop_and_feature_matching(original, small, calibrated_gn):
     conv = copy.deepcopy(calibrated_gn)
-    rep = recover(original, conv, small, steps=50, seed=0, progress=False, target_agreement=0.5, eval_every=5,
+    rep = recover(original, conv, small, steps=50, seed=0, lr=1e-3, progress=False, target_agreement=0.5, eval_every=5,
                   feature_weight=0.5)
     assert rep.stopped_early and rep.end_step == 5 and rep.evals == [(5, rep.evals[0][1])]
     for m in list(original.modules()) + list(conv.model.modules()):

@@ -91,7 +91,7 @@ every deep ``in`` site and most ``gn-ws`` sites — with a warning to recover by
 from __future__ import annotations
 
 from .core import calibrate
-from .metrics import _Agreement, _evaluate, accuracy, agreement, agreement_and_drift, layer_drift
+from .metrics import _Agreement, _evaluate, accuracy, agreement, agreement_and_drift, heldout_losses, layer_drift
 from .readout import READOUT_MIN_REL, READOUT_RIDGE, _Readout, _ReadoutProbe
 from .report import LOW_R2, MIN_R2_GAIN, CalibrationReport, SiteCalibration
 from .solvers import (SN_BATCHES, SN_LR, SN_STEPS, _affine_solve, _BinFit, _Fit, _fit_quality, _gram, _moments, _quality,

@@ -37,6 +37,22 @@ def agreement(original: nn.Module, model: nn.Module, inputs: Any, *, dist: Any =
     return _evaluate(original, model, inputs, [], dist=dist, shard_batches=shard_batches, output_kind=output_kind)[0]
 
 
+def heldout_losses(original: nn.Module, model: nn.Module, inputs: Any, outputs: Any) -> tuple[Measures, Tensor]:
+    """One pass over ``inputs`` (both models in eval mode, flags restored, no grad): the kind's agreement
+    measures and each sample's distillation loss at temperature 1 (float64, on the CPU, in data order) —
+    what keep-best / never-worse decisions compare, paired (:func:`normswap.heldout.compare_losses`)."""
+    agg = Meter(outputs, original)
+    losses: list[Tensor] = []
+    device = _model_device(model)
+    with torch.no_grad(), eval_mode(original, model):
+        for batch in as_batches(inputs):
+            batch = _to(batch, device)
+            ref, out = original(*batch), model(*batch)
+            agg.add(ref, out)
+            losses.append(agg.outputs.sample_losses(out, ref, 1.0).double().cpu())
+    return agg.result(), (torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64))
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch: int = 256, output_kind: Any = None) -> float:
     """The ground-truth measure of ``model`` (eval mode, training flags restored) on labelled data:
     top-1 accuracy for a classifier (the default), per-label accuracy at 0.5 for ``multilabel``, R²

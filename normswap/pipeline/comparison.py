@@ -38,6 +38,8 @@ def run_comparison(
     output_kind: str | None = None,
     heldout: Any = None,
     latency_budget: float | None = None,
+    decode: Any = None,
+    decode_tol: float | None = None,
 ) -> Any:
     """Every requested target side by side on one model (:func:`normswap.compare.compare_targets`):
     the same validate → load stages as :func:`run_conversion`, calibration data and held-out data
@@ -45,7 +47,8 @@ def run_comparison(
     sweep (passed through); ``plot``: its PNG, written with the report. ``heldout`` (``--heldout DATA``):
     the held-out data every quality number is measured on (default: the model's known held-out set, else
     20% of the calibration data, seeded); ``output_kind``: see :mod:`normswap.kinds`;
-    ``latency_budget``: the recommendation's limit, × the folded model's latency (default 2.0)."""
+    ``latency_budget``: the recommendation's limit, × the folded model's latency (default 2.0);
+    ``decode`` / ``decode_tol``: rank by agreement read through a decoder (default: the model's ``normswap_decode``)."""
     from normswap import validate
     from normswap.compare import batch_sizes_from, compare_targets
     from normswap.errors import InputError
@@ -57,7 +60,7 @@ def run_comparison(
     validate.options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, runs=runs, threads=threads)
     from normswap.heldout import check_options
 
-    check_options(output_kind, heldout, calib)
+    check_options(output_kind, heldout, calib, decode, decode_tol)
     if latency_budget is not None:
         validate.finite_positive("--latency-budget", latency_budget)
     sizes = None if batch_sizes is None else batch_sizes_from(batch_sizes)
@@ -87,6 +90,11 @@ def run_comparison(
         if isinstance(heldout, tuple) and len(heldout) == 2:  # labelled (x, y): the inputs
             hx = heldout[0]
             heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]
+    if data is not None and (decode is not None or decode_tol is not None):
+        from normswap.kinds import detect
+
+        output_kind = detect(loaded.model, heldout if heldout is not None else data, output_kind, max_batches=1,
+                             decode=decode, decode_tol=decode_tol)
     rep = compare_targets(loaded.model, names, (x,), calib=data, heldout=heldout, heldout_name=hname, groups=groups,
                           latency=latency, runs=runs, threads=threads, progress=progress,  # one stage per target
                           batch_sizes=sizes, batch_samples=batch_samples, output_kind=output_kind,

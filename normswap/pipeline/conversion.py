@@ -148,6 +148,8 @@ def run_conversion(
     images: int | None = None,
     output_kind: str | None = None,
     heldout: Any = None,
+    decode: Any = None,
+    decode_tol: float | None = None,
 ) -> ConversionResult:
     """Run every stage of one conversion (module docstring) and return its :class:`ConversionResult`.
 
@@ -160,6 +162,8 @@ def run_conversion(
     cast *copy* of the model, with inputs in that dtype and tolerances from :func:`half_tolerances`
     (stated in the report); default: the model's own parameter dtype when it is already half (fold only).
     bfloat16 cannot be combined with ``onnx`` (onnxruntime CPU lacks bfloat16 kernels).
+    ``decode`` / ``decode_tol``: measure agreement through a decoder of the output (a callable or a
+    ``module:fn`` spec, and its tolerance; default: the model's ``normswap_decode``): what the verdict cites.
     ``images``: the model is called with a list of this many images (``model([img, ...])``; torchvision's
     detectors are recognised and default to 1): ``input_shape`` is then one image's ``C,H,W``, the ONNX
     takes exactly that many images, and a detector is verified before and after post-processing
@@ -182,7 +186,7 @@ def run_conversion(
         raise InputError("--calib applies to swap targets; 'fold' is exact and has nothing to calibrate")
     from normswap.heldout import check_options
 
-    check_options(output_kind, heldout, calib)  # --output-kind, --heldout (with --calib)
+    check_options(output_kind, heldout, calib, decode, decode_tol)  # --output-kind, --heldout (with --calib)
     half = _parse_dtype(dtype)
     if half is not None and to != "fold":
         raise InputError(f"--dtype {_dtype_name(half)} applies to --to fold only (swap targets run in float32)")
@@ -260,6 +264,7 @@ def run_conversion(
         held, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
         # keep_function draws its own "calibrate" and "recover" stages (the latter per step) on ``progress``
         kept = keep_function(loaded.model, conv, data, heldout=held, heldout_name=hname, output_kind=output_kind,
+                             decode=decode, decode_tol=decode_tol,
                              recover_steps=recover_steps,
                              recover_batch=recover_batch, seed=seed, lr=lr, progress=progress, plot=None)
         seconds.update(kept.seconds)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_LR
+from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_LR, DEFAULT_RECOVER_BATCH
 from normswap.progress import NullProgress
 
 from .stages import load_stage, spec_file
@@ -98,6 +98,8 @@ def run_recovery(
     progress: Any = None,
     write: bool = True,
     output_kind: str | None = None,
+    decode: Any = None,
+    decode_tol: float | None = None,
     heldout: Any = None,
 ) -> RecoveryResult:
     """Distil the original into a saved (swapped) conversion and save it back — only if top-1
@@ -123,7 +125,7 @@ def run_recovery(
                      target_agreement=target_agreement)
     from normswap.heldout import check_options
 
-    check_options(output_kind, heldout, calib)
+    check_options(output_kind, heldout, calib, decode, decode_tol)
     validate.output_paths(
         {"--report": report, "--out": out, "--checkpoint-dir": checkpoint_dir},
         {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model),
@@ -171,7 +173,7 @@ def run_recovery(
         split = split_heldout(data)
         data, held, hname = split.calib, split.heldout, split.describe()
     hx = held[0] if labelled else held
-    outputs = detect(teacher.model, hx, output_kind, max_batches=1)
+    outputs = detect(teacher.model, hx, output_kind, max_batches=1, decode=decode, decode_tol=decode_tol)
 
     def measure() -> float | None:
         return agreement(teacher.model, conv.model, hx, output_kind=outputs).quality
@@ -182,11 +184,18 @@ def run_recovery(
     # with held-out data, recovery itself ends on its best evaluated step (unless keep_last)
     rep = recover(teacher.model, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
                   seed=seed, augment=augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every, resume=resume,
-                  target_agreement=target_agreement, progress=progress, batch_size=recover_batch,
+                  target_agreement=target_agreement, progress=progress,
+                  batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch,
                   heldout=hx, keep_best=not keep_last, output_kind=outputs)
+    from normswap.recover import check_finite_model
+
+    check_finite_model(conv.model, "recovery")
     after = measure()
     where = hname or "held-out data"
-    worse = before is not None and after is not None and after < before
+    # worse only when the held-out loss rose beyond its noise (paired over the same samples), not on a
+    # top-1 difference of a sample or two
+    change = rep.heldout_change
+    worse = change is not None and change.get("verdict") == "higher"
     result = RecoveryResult(to=conv.to, recovery=rep, saved=None, before=before, after=after, measured_on=where, checkpoints=str(ckdir),
                             measure=outputs.label, output_kind=outputs.describe())
     if plain_gn:
@@ -194,8 +203,9 @@ def run_recovery(
                             "weight standardization (no plain conv feeds only that BN)")
     if worse and not keep_last:
         conv.model.load_state_dict(before_state)
-        result.notes.append(f"recovery lowered held-out {outputs.label} on {where} ({before:.4f} → {after:.4f}); the saved conversion "
-                            "was left as it was (--keep-last saves the last step anyway)")
+        result.notes.append(f"recovery raised the held-out loss on {where} beyond its noise (Δ {change['mean_diff']:+.3g} ± "
+                            f"{change['se']:.2g}, n = {change['samples']}; {outputs.label} {before:.4f} → {after:.4f}); the saved "
+                            "conversion was left as it was (--keep-last saves the last step anyway)")
     elif write:
         dest = Path(out) if out is not None else saved_dir
         save_conversion(conv, dest)

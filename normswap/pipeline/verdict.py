@@ -37,13 +37,21 @@ def _measures(top1: float | None, rel: float | None) -> str:
 
 
 def _agreement_text(kept: Any, drift: Mapping[str, Any] | None) -> str:
-    """How far a function-changing swap moved the outputs, from the best measure available."""
+    """How far a function-changing swap moved the outputs, from the best measure available: the output
+    kind's primary measure (the decoded one when a decoder is given) with its 95% interval, top-1
+    agreement where the output has a class or bin axis, the output rel err, and the sample count."""
     if kept is not None and kept.stages:
         last = kept.stages[-1]
         how = {"naive": "naive swap", "calibrated": "calibrated", "recovered": "calibrated and recovered"}.get(last.stage, last.stage)
         agr = last.agreement
-        if "top1_agreement" not in agr and hasattr(agr, "describe"):  # another output kind: its own measures
-            measures = agr.describe()
+        primary = getattr(agr, "primary", "top1_agreement")
+        if hasattr(agr, "format") and agr.get(primary) is not None:
+            parts = [f"{agr.labels().get(primary, primary)} {agr.format(primary)}"]
+            if primary != "top1_agreement" and agr.get("top1_agreement") is not None:
+                parts.append(f"top-1 agreement {agr['top1_agreement']:.1%}")
+            if agr.get("rel_err") is not None:
+                parts.append(f"output rel err {agr['rel_err']:.3g}")
+            measures = ", ".join(parts) + (f" (n = {agr.n})" if getattr(agr, "n", None) else "")
         else:
             measures = _measures(agr.get("top1_agreement"), agr.get("rel_err"))
         return f"{measures} on {kept.evaluated_on} ({how})"

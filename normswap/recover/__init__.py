@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from normswap.defaults import DEFAULT_LR, DEFAULT_TEMPERATURE  # noqa: F401 - re-exported
 from .checkpoints import STATE_FILE, _fingerprint, _load_checkpoint, _read_state, _save_checkpoint  # noqa: F401
-from .keep import _split_eval, keep_function  # noqa: F401
+from .keep import _split_eval, check_finite_model, keep_function  # noqa: F401
 from .plot import save_drift_plot
 from .report import FunctionReport, RecoveryReport, StageMetrics
 from .train import DEFAULT_NOISE, _augment, _kd_loss, _lr_at, recover  # noqa: F401

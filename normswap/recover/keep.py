@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..calibrate import accuracy, agreement_and_drift, calibrate, swapped_sites
-from ..defaults import DEFAULT_LR, DEFAULT_TEMPERATURE
+from ..defaults import DEFAULT_LR, DEFAULT_RECOVER_BATCH, DEFAULT_TEMPERATURE
 from .plot import save_drift_plot
 from .report import FunctionReport, StageMetrics
 from .train import recover
@@ -34,6 +34,24 @@ def _split_eval(heldout: Any) -> tuple[Any, Tensor | None, Tensor | None]:
     return heldout, None, None
 
 
+def check_finite_model(model: nn.Module, stage: str, measures: Any = None) -> None:
+    """Raise :class:`~normswap.errors.NonFiniteError` when ``stage`` left a parameter or buffer of ``model``
+    non-finite, or its held-out outputs (``measures``' output rel err is NaN): such a model is never written."""
+    import math
+
+    import torch
+
+    from ..errors import NonFiniteError
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{stage} turned the model non-finite ({name} holds NaN/Inf); nothing was saved or exported"
+                                 + ("; lower --lr" if stage == "recovery" else "; check the calibration data"))
+    rel = None if measures is None else measures.get("rel_err")
+    if rel is not None and not math.isfinite(rel):
+        raise NonFiniteError(f"after {stage} the model outputs NaN/Inf on the held-out data; nothing was saved or exported")
+
+
 def keep_function(
     original: nn.Module,
     conversion: Any,
@@ -44,6 +62,8 @@ def keep_function(
     heldout_fraction: float | None = None,
     split_seed: int | None = None,
     output_kind: Any = None,
+    decode: Any = None,
+    decode_tol: float | None = None,
     calibrate_: bool = True,
     recover_steps: int = 0,
     recover_batch: int | None = None,
@@ -68,7 +88,8 @@ def keep_function(
     out by a split seeded with ``split_seed`` (default 0; :func:`normswap.heldout.split_heldout`) and
     calibration and recovery use the rest; ``heldout_fraction=0`` measures on the calibration data
     itself (labelled so in the report). ``output_kind``: see :mod:`normswap.kinds` (default: detected
-    from the original's outputs). ``check``: calibration's held-out never-worse check (see
+    from the original's outputs); ``decode`` / ``decode_tol``: read the outputs through a decoder
+    (:func:`normswap.kinds.resolve_decoder`; default: the model's ``normswap_decode``). ``check``: calibration's held-out never-worse check (see
     :func:`~normswap.calibrate.calibrate`). Returns a :class:`FunctionReport`."""
     from ..heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from ..kinds import detect
@@ -81,6 +102,10 @@ def keep_function(
         calib, heldout = split.calib, split.heldout
         heldout_name = heldout_name or split.describe()
         split_info = split.to_dict()
+    if _labelled(heldout):
+        from ..data import check_finite
+
+        check_finite(heldout[0], heldout_name or "the held-out data")
     eval_data, x, y = _split_eval(heldout if heldout is not None else calib)
     where = heldout_name or ("held-out data" if heldout is not None else "the calibration data (not held out)")
     if split_info is None:
@@ -88,7 +113,7 @@ def keep_function(
     if calibrate_ and check and heldout is not None:
         split_info["check"] = ("calibration's never-worse check chose each site's parameters (fitted or previous) on this "
                                "held-out data too: check=False keeps every fit")
-    outputs = detect(original, eval_data, output_kind, max_batches=1)
+    outputs = detect(original, eval_data, output_kind, max_batches=1, decode=decode, decode_tol=decode_tol)
     sites = swapped_sites(original, model, conversion)
 
     def truth(m: nn.Module) -> float | None:
@@ -112,15 +137,17 @@ def keep_function(
                                         heldout_name=where, check=check)
         rep.seconds["calibrate"] = time.perf_counter() - t0
         rep.stages.append(measure("calibrated"))
+        check_finite_model(model, "calibration", rep.stages[-1].agreement)
     if recover_steps > 0:
         t0 = time.perf_counter()
         rep.recovery = recover(original, conversion, calib, steps=recover_steps, lr=lr, temperature=temperature,
                                feature_weight=feature_weight, seed=seed, augment=augment,
                                checkpoint_dir=checkpoint_dir, target_agreement=target_agreement, progress=progress,
-                               batch_size=recover_batch, output_kind=outputs,
+                               batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch, output_kind=outputs,
                                heldout=eval_data if heldout is not None else None)
         rep.seconds["recover"] = time.perf_counter() - t0
         rep.stages.append(measure("recovered"))
+        check_finite_model(model, "recovery", rep.stages[-1].agreement)
     if plot is not None:
         rep.plot = str(save_drift_plot(rep, plot))
     return rep

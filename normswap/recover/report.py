@@ -41,6 +41,10 @@ class RecoveryReport:
     output_kind: str | None = None  # the outputs' kind and how it was chosen
     measure: str = "top-1 agreement"  # what the evals measure (the kind's primary measure)
     best_step: int | None = None  # with keep_best: the step whose weights were kept
+    heldout_samples: int | None = None  # the held-out evaluations' sample count
+    heldout_start: dict[str, float | None] = field(default_factory=dict)  # held-out measures at the start
+    keep_decision: dict[str, Any] | None = None  # keep-best: best vs last evaluation, paired held-out loss
+    heldout_change: dict[str, Any] | None = None  # the kept weights vs the start, paired held-out loss
     checkpoint: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -54,6 +58,7 @@ class RecoveryReport:
             "agreement_before": {k: r(v) for k, v in self.agreement_before.items()},
             "agreement_after": {k: r(v) for k, v in self.agreement_after.items()},
             "heldout_evals": [[st, r(a)] for st, a in self.heldout_evals], "best_step": self.best_step,
+            "heldout_samples": self.heldout_samples, "keep_decision": self.keep_decision, "heldout_change": self.heldout_change,
             "loss": [[s, r(v)] for s, v in self.history],
             "evals": [[s, r(v)] for s, v in self.evals],
             "checkpoint": self.checkpoint, "notes": list(self.notes), "output_kind": self.output_kind, "measure": self.measure,
@@ -69,9 +74,14 @@ class RecoveryReport:
             s += f" (resumed at step {self.start_step})"
         s += f" in {self.seconds:.1f}s"
         if len(self.heldout_evals) >= 2:
-            s += f"; held-out {self.measure} {self.heldout_evals[0][1]:.4f} → {self.heldout_evals[-1][1]:.4f}"
+            kept = dict(self.heldout_evals).get(self.best_step, self.heldout_evals[-1][1]) if self.best_step is not None else self.heldout_evals[-1][1]
+            n = f", n = {self.heldout_samples}" if self.heldout_samples else ""
+            s += f"; held-out {self.measure} {self.heldout_evals[0][1]:.4f} → {kept:.4f}{n}"
             if self.best_step is not None and self.best_step != self.end_step:
                 s += f" (kept step {self.best_step})"
+            if self.heldout_change is not None:
+                c = self.heldout_change
+                s += f"; held-out loss {c['mean_diff']:+.3g} ± {c['se']:.2g} ({c['verdict']})"
         elif a0 is not None and a1 is not None:
             s += f"; {self.measure} on the calibration data (not held out) {a0:.4f} → {a1:.4f}"
         if self.stopped_early:
@@ -101,6 +111,8 @@ class StageMetrics:
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage,
                 "agreement": {k: None if v is None else round(float(v), 6) for k, v in self.agreement.items()},
+                "samples": getattr(self.agreement, "n", None),
+                "intervals": self.agreement.intervals() if hasattr(self.agreement, "intervals") else {},
                 "accuracy": None if self.accuracy is None else round(self.accuracy, 6),
                 "drift": {k: round(v, 6) for k, v in self.drift.items()}}
 
@@ -143,24 +155,26 @@ class FunctionReport:
 
         from ..report import Column, FittedTable
 
-        from ..kinds import _LABELS
-
-        keys = [k for k in (self.stages[0].agreement if self.stages else {}) if k != "rel_err"][:2] or ["top1_agreement"]
+        first = self.stages[0].agreement if self.stages else {}
+        labels = first.labels() if hasattr(first, "labels") else {}
+        keys = [k for k in first if k != "rel_err"][:2] or ["top1_agreement"]
         rows: list[list[Any]] = []
         for s in self.stages:
             r = s.agreement.get("rel_err")
             d = list(s.drift.values())
-            vals = [s.agreement.get(k) for k in keys]
-            rows.append([s.stage, *("—" if a is None else f"{a:.4f}" for a in vals), "—" if r is None else f"{r:.4f}",
+            fmt = s.agreement.format if hasattr(s.agreement, "format") else (lambda k: "—" if s.agreement.get(k) is None else f"{s.agreement[k]:.4f}")
+            rows.append([s.stage, *(fmt(k) for k in keys), "—" if r is None else f"{r:.4f}",
                          "—" if s.accuracy is None else f"{s.accuracy:.4f}",
                          f"{sum(d) / len(d):.4f}" if d else "—", f"{max(d):.4f}" if d else "—"])
         no_acc = all(s.accuracy is None for s in self.stages)
-        cols = [Column("stage"), *(Column(_LABELS.get(k, k).replace(" ", "\n", 1), justify="right", drop=0 if i == 0 else 4)
+        cols = [Column("stage"), *(Column(labels.get(k, k).replace(" ", "\n", 1), justify="right", drop=0 if i == 0 else 4)
                                    for i, k in enumerate(keys)),
                 Column("output\nrel err", justify="right"),
                 Column(self.truth_label, justify="right", drop=3 if no_acc else 1, why="no labels" if no_acc else ""),
                 Column("layer drift\nmean", justify="right", drop=2), Column("layer drift\nmax", justify="right")]
-        title = f"keeping the trained function: --to {self.target} (held-out: {self.evaluated_on})"
+        n = getattr(first, "n", None)
+        title = (f"keeping the trained function: --to {self.target} (held-out: {self.evaluated_on}"
+                 f"{f', n = {n}' if n else ''}; [95% Wilson interval])")
         parts: list[Any] = [FittedTable(cols, rows, title=title)]
         if self.output_kind:
             parts.append(Text(self.output_kind, style="dim"))
@@ -171,6 +185,7 @@ class FunctionReport:
             parts += [Text(w, style="yellow") for w in self.calibration.warnings]
         if self.recovery is not None:
             parts.append(Text(self.recovery.summary()))
+            parts += [Text(n, style="yellow") for n in self.recovery.notes]
         if self.plot:
             parts.append(Text(f"per-layer drift plot: {self.plot}"))
         return Group(*parts)
