@@ -11,7 +11,7 @@ import typer
 
 from normswap.defaults import DEFAULT_CALIB_BATCH
 
-from .calibrate_cmd import CalibBatchOpt, CalibOpt, CalibSamplesOpt, HeldoutOpt, OutputKindOpt
+from .shared_options import CalibBatchOpt, CalibOpt, CalibSamplesOpt, HeldoutOpt, OutputKindOpt
 from .common import (
     ArgOpt,
     DebugOpt,

@@ -57,6 +57,7 @@ def keep_function(
     progress: Any = True,
     plot: str | os.PathLike[str] | None = None,
     check: bool = True,
+    amp: str | None = None,
 ) -> FunctionReport:
     """Naive swap → calibration → recovery on ``conversion`` (its model is changed in place), measured
     against ``original`` after each stage on **held-out** data, with per-layer drift and the drift plot
@@ -69,7 +70,8 @@ def keep_function(
     calibration and recovery use the rest; ``heldout_fraction=0`` measures on the calibration data
     itself (labelled so in the report). ``output_kind``: see :mod:`normswap.kinds` (default: detected
     from the original's outputs). ``check``: calibration's held-out never-worse check (see
-    :func:`~normswap.calibrate.calibrate`). Returns a :class:`FunctionReport`."""
+    :func:`~normswap.calibrate.calibrate`). ``amp``: recovery's mixed precision (:func:`recover`).
+    Returns a :class:`FunctionReport`."""
     from ..heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from ..kinds import detect
 
@@ -118,7 +120,7 @@ def keep_function(
                                feature_weight=feature_weight, seed=seed, augment=augment,
                                checkpoint_dir=checkpoint_dir, target_agreement=target_agreement, progress=progress,
                                batch_size=recover_batch, output_kind=outputs,
-                               heldout=eval_data if heldout is not None else None)
+                               heldout=eval_data if heldout is not None else None, amp=amp)
         rep.seconds["recover"] = time.perf_counter() - t0
         rep.stages.append(measure("recovered"))
     if plot is not None:
