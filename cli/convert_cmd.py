@@ -93,14 +93,15 @@ def convert(
     debug: DebugOpt = False,
 ) -> None:
     """Rewrite the model's BatchNorms (fold them, or swap them for another norm), export, verify."""
-    from normswap.load import parse_kv_args
-    from normswap.pipeline import run_conversion
 
     # the CLI's own names for the options in every message; the library checks them again
     validate_options(atol=atol, rtol=rtol, groups=groups, calib_samples=calib_samples, calib_batch=calib_batch,
                      recover_steps=recover_steps, recover_batch=recover_batch, lr=lr, input_shape=input_shape_,
                      runtime=dict(device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
                                   calib=calib, recover_steps=recover_steps))
+    from normswap.load import parse_kv_args
+    from normswap.pipeline import run_conversion
+
     result = run_conversion(
         model, to, args=parse_kv_args(arg or []), weights=weights, trust_pickle=trust_pickle, strict=not no_strict,
         input_shape=None if input_shape_ is None else parse_shape(input_shape_), samples=samples, groups=groups,

@@ -114,14 +114,15 @@ def recover(
 ) -> None:
     """Distil the original model into a saved (swapped) conversion, without labels; resumable. The
     result is saved back only when agreement with the original improved (--keep-last to save it anyway)."""
-    from normswap.load import parse_kv_args
-    from normswap.pipeline import run_recovery
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
     validate_options(calib_samples=calib_samples, calib_batch=calib_batch, recover_batch=recover_batch, lr=lr,
                      runtime=dict(device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
                                   calib=calib, recover_steps=steps))
+    from normswap.load import parse_kv_args
+    from normswap.pipeline import run_recovery
+
     result = run_recovery(
         saved_dir, calib, model=model, args=parse_kv_args(arg or []), weights=weights, trust_spec=trust_spec,
         trust_pickle=trust_pickle, strict=not no_strict, steps=steps, calib_samples=calib_samples, calib_batch=calib_batch,
