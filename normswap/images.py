@@ -257,7 +257,7 @@ class ImageFolderData:
         self.folder, self.files, self.pre, self.batch = folder, files, pre, batch
         self.workers, self.pin_memory, self.device, self.ignored = workers, pin_memory, device, ignored
         self.skipped, self.first_bad = 0, None  # from the latest complete pass
-        self._loader: Any = None
+        self._idle: list[Any] = []  # DataLoaders whose (persistent) workers no pass is using
         self._rank, self._world = 0, 1
 
     def _make_loader(self) -> Any:
@@ -271,10 +271,18 @@ class ImageFolderData:
             pin_memory=self.pin_memory, persistent_workers=self.workers > 0)
 
     def __iter__(self) -> Iterator[tuple[Tensor]]:
-        if self._loader is None:
-            self._loader = self._make_loader()
+        # a pass takes an idle loader (its workers stay alive between passes) or makes one: passes may
+        # nest (recovery's held-out evaluation inside its cycle over the data), and a DataLoader with
+        # persistent workers serves one pass at a time
+        loader = self._idle.pop() if self._idle else self._make_loader()
+        try:
+            yield from self._batches(loader)
+        finally:
+            self._idle.append(loader)
+
+    def _batches(self, loader: Any) -> Iterator[tuple[Tensor]]:
         skipped, first, good = 0, None, 0
-        for x, errors in self._loader:
+        for x, errors in loader:
             bad = [e for e in errors if e]
             if bad:
                 first = first or bad[0]

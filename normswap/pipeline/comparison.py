@@ -94,7 +94,7 @@ def run_comparison(
         data = run.batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model, spec=loaded.spec)
         from normswap.heldout import heldout_data
 
-        heldout, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
+        heldout, hname = heldout_data(heldout, model, loaded, batch=calib_batch, **run.loader(loaded.spec))
         if isinstance(heldout, tuple) and len(heldout) == 2:  # labelled (x, y): the inputs
             hx = heldout[0]
             heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]

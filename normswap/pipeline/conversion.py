@@ -278,7 +278,7 @@ def run_conversion(
         from normswap.heldout import heldout_data
 
         # --heldout DATA, else the held-out set normswap knows, else keep_function holds out 20% of the data
-        held, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
+        held, hname = heldout_data(heldout, model, loaded, batch=calib_batch, **run.loader(loaded.spec))
         # keep_function draws its own "calibrate" and "recover" stages (the latter per step) on ``progress``
         with run.place(loaded.model, conv.model) as teacher:
             kept = keep_function(teacher, conv, data, heldout=held, heldout_name=hname, output_kind=output_kind,

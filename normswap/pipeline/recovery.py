@@ -182,7 +182,7 @@ def run_recovery(
 
     run = runtime_for(device, amp, workers, size=size, crop=crop, mean=mean, std=std)
     data = run.batches(calib, samples=calib_samples, batch=calib_batch, model=teacher.model, spec=teacher.spec)
-    held, hname = heldout_data(heldout, model, teacher, batch=calib_batch)
+    held, hname = heldout_data(heldout, model, teacher, batch=calib_batch, **run.loader(teacher.spec))
     labelled = isinstance(held, tuple) and len(held) == 2
     split = None
     if held is None:  # no held-out set known: hold out 20% of the calibration data, train on the rest
