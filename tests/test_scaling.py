@@ -302,7 +302,7 @@ def test_torchrun_with_workers_calibrates_like_one_process(tmp_path):
     rt = json.loads((tmp_path / "two.json").read_text())["runtime"]
     assert rt["processes"] == 2 and rt["backend"] == "gloo" and rt["workers"] == 1
     # recovery on top (DDP, each rank trains on its half of every batch): within the seed noise of one process
-    rec = ["--recover-steps", "4", "--recover-batch", "32", "--seed", "0"]
+    rec = ["--recover-steps", "4", "--recover-batch", "32", "--seed", "0", "--lr", "1e-4"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(_free_port()), "-m", "cli.main", *common, *rec, "--save", str(tmp_path / "two-r"),
                           "--report", str(tmp_path / "two-r.json")],
