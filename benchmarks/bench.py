@@ -128,6 +128,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-size", type=int, default=112, help="image side of the torchvision models' calibration data")
     p.add_argument("--quick", action="store_true", help="fast smoke run: resnet18 only, few repeats, short latency budget")
     p.add_argument("--startup", action="store_true", help="measure only the CLI start-up (section 6)")
+    p.add_argument("--scaling", action="store_true", help="measure only section 7: recovery vs a hand-written loop, "
+                   "calibration vs forwards, image-folder workers 0 vs 2, calibration peak memory")
+    p.add_argument("--device", default="auto", help="section 7: where the model runs (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--scaling-model", default=None, help="section 7's model (default resnet18; --quick: digits)")
+    p.add_argument("--scaling-size", type=int, default=None, help="section 7's image side (default 112)")
+    p.add_argument("--scaling-batch", type=int, default=None, help="section 7's batch (default 32; --quick: 64 on digits)")
+    p.add_argument("--scaling-steps", type=int, default=None, help="recovery steps per timed round (default 10; --quick: 5)")
+    p.add_argument("--scaling-rounds", type=int, default=None, help="timed rounds (default 3; --quick: 2)")
+    p.add_argument("--scaling-amp", default="none,bf16", help="recovery precisions to time: none, bf16, fp16")
+    p.add_argument("--folder-images", type=int, default=None, help="JPEGs in the workers benchmark (default 128; --quick: 64)")
+    p.add_argument("--memory-model", default=None, help="calibration peak memory model, or none (default resnet50; --quick: none)")
+    p.add_argument("--memory-batch", type=int, default=64, help="calibration peak memory batch")
+    p.add_argument("--memory-size", type=int, default=224, help="calibration peak memory image side")
     p.add_argument("--startup-runs", type=int, default=None, help="timed runs per start-up command (default 10; --quick: 5)")
     args = p.parse_args(argv)
 
@@ -136,6 +149,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, QUICK[k] if args.quick else v)
+    scaling = {"scaling_model": ("resnet18", "digits"), "scaling_size": (112, 8), "scaling_batch": (32, 64),
+               "scaling_steps": (10, 5), "scaling_rounds": (3, 2), "folder_images": (128, 64), "memory_model": ("resnet50", "none")}
+    for k, (full, quick) in scaling.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick if args.quick else full)
     args.model_list = [] if args.models.strip() == "none" else [m.strip() for m in args.models.split(",") if m.strip()]
     args.calib_target_list = [] if args.calib_targets.strip() in ("", "none") else [t.strip() for t in args.calib_targets.split(",") if t.strip()]
     args.calib_model_list = [m.strip() for m in args.calib_models.split(",") if m.strip()]
@@ -832,6 +850,31 @@ def print_startup_table(console: Any, res: dict[str, Any]) -> None:
     console.print(t)
 
 
+def main_scaling(args: argparse.Namespace, command: str) -> int:
+    """``--scaling``: section 7 alone (benchmarks/scaling.py)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+    from rich.console import Console
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import scaling
+
+    torch.set_num_threads(args.threads)
+    console = Console(width=max(Console().width, 200))
+    console.print(f"$ {command}")
+    console.print(f"torch {torch.__version__}; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+                  f"load average {loadavg()}")
+    t0 = time.perf_counter()
+    res = scaling.run(args)
+    console.print()
+    scaling.print_tables(console, res)
+    console.print(f"total {time.perf_counter() - t0:.0f} s; load average at end {loadavg()}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"command": command, "scaling": res}, indent=1, default=str))
+        console.print(f"JSON: {args.json_out}")
+    return 0
+
+
 def main_startup(args: argparse.Namespace, command: str) -> int:
     """``--startup``: section 6 alone (no torch imported in this process)."""
     from rich.console import Console
@@ -1011,6 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.startup:
         return main_startup(args, command)
+    if args.scaling:
+        return main_scaling(args, command)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import numpy
     import onnx

@@ -57,12 +57,15 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def validate_options(*, input_shape: str | None = None, **values: Any) -> None:
-    """The numeric options (:func:`normswap.validate.options`) and ``--input-shape``, checked before
-    any work (exit 2 naming the option)."""
+def validate_options(*, input_shape: str | None = None, runtime: dict[str, Any] | None = None, **values: Any) -> None:
+    """The numeric options (:func:`normswap.validate.options`), ``--input-shape`` and the device, precision
+    and image-folder options (:func:`normswap.validate.runtime_options`), checked before any work (exit 2
+    naming the option)."""
     from normswap import validate
 
     validate.options(**values)
+    if runtime is not None:
+        validate.runtime_options(**runtime)
     if input_shape is not None:
         parse_shape(input_shape)
 
@@ -151,8 +154,9 @@ def is_main_process() -> bool:
 
 
 def torchrun_aware(*writes: str) -> Callable[[F], F]:
-    """Under ``torchrun --nproc_per_node N normswap ...``: join the process group (gloo — the CLI keeps
-    models on the CPU) so calibration sums are all-reduced and recovery runs as DDP, and let only
+    """Under ``torchrun --nproc_per_node N normswap ...``: join the process group (NCCL when the
+    command's ``--device`` is a GPU, each rank on ``cuda:LOCAL_RANK``; gloo on the CPU) so calibration
+    sums are all-reduced and recovery runs as DDP, and let only
     rank 0 print and write: on the other ranks the keyword arguments named in ``writes`` (output
     paths) are set to None and stdout is silenced. Every rank runs the same computation; all ranks
     meet at a barrier before the group is torn down. Without torchrun this changes nothing."""
@@ -166,7 +170,17 @@ def torchrun_aware(*writes: str) -> Callable[[F], F]:
 
             owned = not dist.is_initialized()
             if owned:
-                dist.init_process_group("gloo")  # env:// from torchrun's MASTER_ADDR/PORT, RANK, WORLD_SIZE
+                from normswap import validate
+                from normswap.devices import backend_for, resolve_device
+
+                validate.runtime_options(**{k: kw.get(k) for k in ("device", "amp") if k in kw}, amp_needs_steps=False)
+                device = resolve_device(kw.get("device", "cpu"))  # cuda → cuda:LOCAL_RANK
+                if device.type == "cuda":
+                    import torch
+
+                    torch.cuda.set_device(device)
+                # env:// from torchrun's MASTER_ADDR/PORT (or its --rdzv-endpoint), RANK, WORLD_SIZE
+                dist.init_process_group(backend_for(device))
             rank = dist.get_rank()
             quiet = console.quiet
             if rank != 0:

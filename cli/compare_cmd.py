@@ -11,7 +11,21 @@ import typer
 
 from normswap.defaults import DEFAULT_CALIB_BATCH
 
-from .calibrate_cmd import CalibBatchOpt, CalibOpt, CalibSamplesOpt, DecodeOpt, DecodeTolOpt, HeldoutOpt, OutputKindOpt
+from .shared_options import (
+    CalibBatchOpt,
+    CalibOpt,
+    CalibSamplesOpt,
+    CropOpt,
+    DecodeOpt,
+    DecodeTolOpt,
+    DeviceOpt,
+    HeldoutOpt,
+    MeanOpt,
+    OutputKindOpt,
+    SizeOpt,
+    StdOpt,
+    WorkersOpt,
+)
 from .common import (
     ArgOpt,
     DebugOpt,
@@ -92,16 +106,21 @@ def compare(
     trust_pickle: TrustOpt = False,
     no_strict: NoStrictOpt = False,
     input_shape_: ShapeOpt = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = 0,
+    size: SizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Compare norm targets: parameters, onnxruntime latency vs the BN-folded model, agreement and
     per-layer drift vs the original (after calibration with --calib), batch independence, exactness;
     with --batch-sizes, how each target's training-mode output and agreement move with the batch size."""
-    from normswap.load import parse_kv_args
-    from normswap.pipeline import run_comparison
 
-    validate_options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, input_shape=input_shape_)
+    validate_options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, input_shape=input_shape_,
+                     runtime=dict(device=device, workers=workers, size=size, crop=crop, mean=mean, std=std, calib=calib))
     sizes = None if batch_sizes is None else parse_batch_sizes(batch_sizes)
     if sizes is None and plot is not None:
         from normswap.errors import InputError
@@ -113,13 +132,16 @@ def compare(
         validate.positive_int("--batch-samples", batch_samples)
         if plot is None and is_main_process():
             plot = default_plot_path(report)
+    from normswap.load import parse_kv_args
+    from normswap.pipeline import run_comparison
+
     rep = run_comparison(
         model, targets.split(","), args=parse_kv_args(arg or []), weights=weights, trust_pickle=trust_pickle,
         strict=not no_strict, input_shape=None if input_shape_ is None else parse_shape(input_shape_), calib=calib,
         calib_samples=calib_samples, calib_batch=calib_batch, groups=groups, latency=not no_latency, runs=runs,
         threads=threads, report=report, progress=progress_for(json_out), write=is_main_process(),
         batch_sizes=sizes, batch_samples=batch_samples, plot=plot, output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol,
-        latency_budget=latency_budget,
+        latency_budget=latency_budget, device=device, workers=workers, size=size, crop=crop, mean=mean, std=std,
     )
     if json_out:
         print_json(rep.to_dict())

@@ -10,18 +10,25 @@ import typer
 
 from normswap.defaults import DEFAULT_ATOL, DEFAULT_CALIB_BATCH, DEFAULT_LR, DEFAULT_RTOL
 
-from .calibrate_cmd import (
+from .shared_options import (
+    AmpOpt,
     CalibBatchOpt,
     CalibOpt,
     CalibSamplesOpt,
+    CropOpt,
     DecodeOpt,
     DecodeTolOpt,
+    DeviceOpt,
     HeldoutOpt,
     LrOpt,
+    MeanOpt,
     OutputKindOpt,
     RecoverBatchOpt,
     RecoverStepsOpt,
     SeedOpt,
+    SizeOpt,
+    StdOpt,
+    WorkersOpt,
 )
 from .common import (
     ArgOpt,
@@ -79,23 +86,34 @@ def convert(
     lr: LrOpt = DEFAULT_LR,
     images: Annotated[Optional[int], typer.Option("--images", help="the model takes a list of this many images (C,H,W from --input-shape); torchvision detectors are recognised and default to 1. The ONNX takes exactly that many.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or bfloat16: convert and verify a half-precision copy (fold only; default: the model's own dtype).")] = None,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = None,
+    workers: WorkersOpt = 0,
+    size: SizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Rewrite the model's BatchNorms (fold them, or swap them for another norm), export, verify."""
-    from normswap.load import parse_kv_args
-    from normswap.pipeline import run_conversion
 
     # the CLI's own names for the options in every message; the library checks them again
     validate_options(atol=atol, rtol=rtol, groups=groups, calib_samples=calib_samples, calib_batch=calib_batch,
-                     recover_steps=recover_steps, recover_batch=recover_batch, lr=lr, input_shape=input_shape_)
+                     recover_steps=recover_steps, recover_batch=recover_batch, lr=lr, input_shape=input_shape_,
+                     runtime=dict(device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
+                                  calib=calib, recover_steps=recover_steps))
+    from normswap.load import parse_kv_args
+    from normswap.pipeline import run_conversion
+
     result = run_conversion(
         model, to, args=parse_kv_args(arg or []), weights=weights, trust_pickle=trust_pickle, strict=not no_strict,
         input_shape=None if input_shape_ is None else parse_shape(input_shape_), samples=samples, groups=groups,
         exporter=exporter, opset=opset, atol=atol, rtol=rtol, keep_failed=keep_failed, calib=calib,
         calib_samples=calib_samples, calib_batch=calib_batch, recover_steps=recover_steps, recover_batch=recover_batch,
         seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out), dtype=dtype,
-        images=images, output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol,
+        images=images, output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol, device=device, amp=amp, workers=workers, size=size,
+        crop=crop, mean=mean, std=std,
     )
     if json_out:
         print_json(result.to_dict())

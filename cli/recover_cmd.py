@@ -20,20 +20,27 @@ import typer
 from normswap.defaults import DEFAULT_CALIB_BATCH, DEFAULT_LR, DEFAULT_TEMPERATURE
 from normswap.errors import InputError
 
-from .calibrate_cmd import (
+from .shared_options import (
+    AmpOpt,
     CalibBatchOpt,
     CalibSamplesOpt,
+    CropOpt,
+    DeviceOpt,
     FeatureWeightOpt,
     DecodeOpt,
     DecodeTolOpt,
     HeldoutOpt,
     LrOpt,
+    MeanOpt,
     NoAugmentOpt,
     OutputKindOpt,
     RecoverBatchOpt,
     SeedOpt,
+    SizeOpt,
+    StdOpt,
     TargetAgreementOpt,
     TemperatureOpt,
+    WorkersOpt,
 )
 from .common import (
     ArgOpt,
@@ -99,17 +106,27 @@ def recover(
     decode: DecodeOpt = None,
     decode_tol: DecodeTolOpt = None,
     keep_last: Annotated[bool, typer.Option("--keep-last", help="save the last step even when it agrees less with the original than the saved conversion.")] = False,
+    device: DeviceOpt = "auto",
+    amp: AmpOpt = None,
+    workers: WorkersOpt = 0,
+    size: SizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Distil the original model into a saved (swapped) conversion, without labels; resumable. The
     result is saved back only when agreement with the original improved (--keep-last to save it anyway)."""
-    from normswap.load import parse_kv_args
-    from normswap.pipeline import run_recovery
 
     if steps < 1:
         raise InputError(f"--steps must be at least 1, got {steps}")
-    validate_options(calib_samples=calib_samples, calib_batch=calib_batch, recover_batch=recover_batch, lr=lr)
+    validate_options(calib_samples=calib_samples, calib_batch=calib_batch, recover_batch=recover_batch, lr=lr,
+                     runtime=dict(device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
+                                  calib=calib, recover_steps=steps))
+    from normswap.load import parse_kv_args
+    from normswap.pipeline import run_recovery
+
     result = run_recovery(
         saved_dir, calib, model=model, args=parse_kv_args(arg or []), weights=weights, trust_spec=trust_spec,
         trust_pickle=trust_pickle, strict=not no_strict, steps=steps, calib_samples=calib_samples, calib_batch=calib_batch,
@@ -117,6 +134,7 @@ def recover(
         target_agreement=target_agreement, augment=not no_augment, checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=not no_resume, keep_last=keep_last, out=out, report=report,
         progress=progress_for(json_out), write=is_main_process(), output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol,
+        device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
     )
     if json_out:
         print_json(result.to_dict())

@@ -217,6 +217,7 @@ class CompareReport:
     evaluated_on: str
     rows: list[CompareRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    runtime: dict[str, Any] | None = None  # where calibration and the measures ran, how data was read
     eval_data: str = "held-out"  # held-out | calibration | random: what ``evaluated_on`` is
     latency_budget: float = LATENCY_BUDGET
     batch_sweep: BatchSweep | None = None  # with ``compare_targets(..., batch_sizes=...)``
@@ -225,7 +226,7 @@ class CompareReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "input_shape": self.input_shape, "evaluated_on": self.evaluated_on,
-             "eval_data": self.eval_data, "measure": self.measure, "output_kind": self.output_kind, "targets": [r.to_dict() for r in self.rows], "notes": list(self.notes),
+             "eval_data": self.eval_data, "measure": self.measure, "output_kind": self.output_kind, "targets": [r.to_dict() for r in self.rows], "notes": list(self.notes), "runtime": self.runtime,
              "latency_budget": self.latency_budget, "recommendation": self.recommendation()}
         if self.batch_sweep is not None:
             d["batch_sweep"] = self.batch_sweep.to_dict()
@@ -409,6 +410,7 @@ def compare_targets(
     output_kind: Any = None,
     heldout_fraction: float | None = None,
     split_seed: int | None = None,
+    device: Any = None,
 ) -> CompareReport:
     """Rewrite ``original`` to each of ``targets`` and measure them (see the module docstring).
 
@@ -419,7 +421,8 @@ def compare_targets(
     stage per target, then one for the latency timing (default :class:`~normswap.progress.NullProgress`).
     ``batch_sizes`` (e.g. ``[1, 2, 8, 32]`` or ``"default"``): also sweep the batch size over the original and
     every target that worked, on the first ``batch_samples`` samples of the held-out data (random inputs
-    when there is none) → :attr:`CompareReport.batch_sweep`."""
+    when there is none) → :attr:`CompareReport.batch_sweep`. ``device``: where calibration and the agreement
+    measures run (a copy of ``original`` goes there; rewrites, latency and the sweep stay on the CPU)."""
     from .convert import targets as all_targets
     from .export import export_onnx
     from .progress import NullProgress
@@ -461,7 +464,8 @@ def compare_targets(
     models: dict[str, nn.Module] = {}
     for t in (["fold"] if latency and "fold" not in targets else []) + targets:
         with progress.stage(t, detail="" if t in targets else "latency reference") as task:
-            row = _measure(original, t, t in targets, x, x1, known, calib, eval_data, groups, models, task, outputs)
+            row = _measure(original, t, t in targets, x, x1, known, calib, eval_data, groups, models, task, outputs,
+                           device=device)
         if row is not None:
             rep.rows.append(row)
     if latency and "fold" in models:
@@ -532,7 +536,7 @@ def _sweep(original: nn.Module, rows: list[CompareRow], models: dict[str, nn.Mod
 
 def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, known: dict[str, Any], calib: Any,
              eval_data: list[Any], groups: int | None, models: dict[str, nn.Module], task: Any,
-             outputs: Any = None) -> CompareRow | None:
+             outputs: Any = None, device: Any = None) -> CompareRow | None:
     """Rewrite to target ``t`` and measure it (its model goes into ``models`` for the timing); None for
     the fold latency reference the caller did not ask for."""
     from .checks import batch_independence
@@ -556,13 +560,16 @@ def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, k
     row.exact_promised = True if tgt is None else bool(tgt.exact)
     sites = [] if t == "fold" else None  # None: every swapped site
     task.advance(0, step="agreement")
-    after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv, output_kind=outputs)
-    row.naive_rel_err = after["rel_err"]
-    if calib is not None and not row.exact_promised and t != "fold":
-        task.advance(0, step="calibrate")
-        calibrate(original, conv, calib, output_kind=outputs, heldout=eval_data)
-        row.calibrated = True
-        after, drift = agreement_and_drift(original, conv.model, eval_data, sites=sites, conversion=conv, output_kind=outputs)
+    from .pipeline.runtime import Runtime
+
+    with Runtime(device=device or torch.device("cpu"), precision=None).place(original, conv.model) as teacher:
+        after, drift = agreement_and_drift(teacher, conv.model, eval_data, sites=sites, conversion=conv, output_kind=outputs)
+        row.naive_rel_err = after["rel_err"]
+        if calib is not None and not row.exact_promised and t != "fold":
+            task.advance(0, step="calibrate")
+            calibrate(teacher, conv, calib, output_kind=outputs, heldout=eval_data)
+            row.calibrated = True
+            after, drift = agreement_and_drift(teacher, conv.model, eval_data, sites=sites, conversion=conv, output_kind=outputs)
     row.agreement, row.rel_err = after.quality, after["rel_err"]
     row.measures = {k: v for k, v in after.items() if k != "rel_err"}
     if t != "fold" and drift:

@@ -5,11 +5,12 @@
 * ``"digits"`` — the bundled model's training split (``normswap.models.digits.load_digits("train")``);
 * a tensor file ``.pt``/``.pth`` (weights-only), ``.npy``/``.npz`` or ``.safetensors`` holding
   ``[N, ...]`` (several tensors = one per model input), read by :func:`normswap.load.load_tensor_file`;
-* a folder of images (``.png``, ``.jpg``, ...; searched recursively, sorted by path): each is
-  converted to RGB (or L for a 1-channel model), resized so its short side is ``size / crop_pct``
-  (bilinear), center-cropped to ``size``, scaled to [0, 1] and normalized with ``mean``/``std``.
-  ``size``, ``mean``, ``std`` default from the model's timm ``pretrained_cfg`` when it has one,
-  else from the model's example input shape (``normswap_input_shape``) with mean 0 / std 1;
+* a folder of images (flat or ImageFolder layout, searched recursively, sorted by path), read by
+  :mod:`normswap.images`: a DataLoader with ``workers``, each image converted to RGB (or L for a
+  1-channel model), resized so its short side is ``size / crop`` (bilinear), center-cropped to
+  ``size``, scaled to [0, 1] and normalized with ``mean``/``std``; the defaults come from the model's
+  timm ``pretrained_cfg`` or torchvision weights' transforms, else its input shape with mean 0 / std 1;
+  unreadable files are skipped and counted;
 * ``"module:callable"`` / ``"file.py:callable"`` — called with no arguments, it returns an iterable
   of batches (a list, a DataLoader, a generator). A batch is a tensor ``[B, ...]``, or a tuple/list
   whose first element is the input tensor (``(x, labels)`` as DataLoaders yield; the rest is
@@ -37,7 +38,6 @@ __all__ = ["IMAGE_SUFFIXES", "TENSOR_SUFFIXES", "CalibrationData", "Rebatched", 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
-_IMAGENET_CROP_PCT = 0.875
 
 Batch = tuple[Tensor, ...]
 
@@ -64,6 +64,7 @@ class CalibrationData:
         self.batch = batch
         self.sample_shape = None if sample_shape is None else list(sample_shape)
         self.model_shape = None if model_shape is None else list(model_shape)  # the model's declared input [1, C, ...]
+        self.loader: Any = None  # an image folder's normswap.images.ImageFolderData (workers, preprocessing, skips)
 
     def __iter__(self) -> Iterator[Batch]:
         return _checked(self._make_iter(), self)
@@ -78,8 +79,11 @@ class CalibrationData:
         return f"CalibrationData({self.description}, samples={n}, batch={self.batch})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.description, "samples": self.num_samples, "batch": self.batch,
-                "sample_shape": self.sample_shape}
+        out = {"source": self.description, "samples": self.num_samples, "batch": self.batch,
+               "sample_shape": self.sample_shape}
+        if self.loader is not None:
+            out.update(self.loader.to_dict())
+        return out
 
 
 def first_bad_sample(x: Tensor) -> tuple[int, str] | None:
@@ -181,23 +185,15 @@ def _check_shape(data: CalibrationData, model: nn.Module | None) -> None:
         )
 
 
-def _timm_cfg(model: nn.Module | None) -> Mapping[str, Any]:
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, Mapping):
-            return cfg
-    return {}
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def _image_data(
     folder: Path, *, samples: int | None, batch: int, size: int | Sequence[int] | None,
     mean: Sequence[float] | None, std: Sequence[float] | None, model: nn.Module | None,
+    crop: float | None = None, workers: int = 0, pin_memory: bool = False, device: Any = None, spec: str | None = None,
 ) -> CalibrationData:
-    files = _image_files(folder)
+    """A folder of images through :mod:`normswap.images` (layout, preprocessing, DataLoader, sharding)."""
+    from .images import ImageFolderData, image_files, preprocess_for
+
+    files, ignored = image_files(folder)
     if not files:
         raise InputError(
             f"calibration folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...); "
@@ -205,63 +201,16 @@ def _image_data(
         )
     if samples is not None:
         files = files[:samples]
-    cfg = _timm_cfg(model)
-    shape = _model_shape(model)
-    channels = 3
-    if cfg.get("input_size"):
-        channels = int(cfg["input_size"][0])
-    elif shape is not None and len(shape) == 4:
-        channels = int(shape[1])
-    if size is None:
-        if cfg.get("input_size"):
-            size = tuple(int(s) for s in cfg["input_size"][-2:])
-        elif shape is not None and len(shape) == 4:
-            size = (int(shape[2]), int(shape[3]))
-        else:
-            raise InputError(
-                f"calibration folder {folder}: cannot tell the image size the model takes; pass size= (e.g. 224)"
-            )
-    hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if min(hw) < 1:
-        raise InputError(f"image size must be positive, got {hw}")
-    mean_t = torch.tensor(list(mean if mean is not None else cfg.get("mean", (0.0,) * channels)), dtype=torch.float32)
-    std_t = torch.tensor(list(std if std is not None else cfg.get("std", (1.0,) * channels)), dtype=torch.float32)
-    for name, v in (("mean", mean_t), ("std", std_t)):
-        if v.numel() not in (1, channels):
-            raise InputError(f"image {name} has {v.numel()} values but the model takes {channels} channel(s)")
-    if (std_t == 0).any():
-        raise InputError("image std has a zero entry; every channel needs a positive std")
-    crop_pct = float(cfg.get("crop_pct", _IMAGENET_CROP_PCT if cfg else 1.0))
-    mode = "L" if channels == 1 else "RGB"
-    if channels not in (1, 3):
-        raise InputError(f"the model takes {channels}-channel inputs; image folders give 1 (L) or 3 (RGB) channels")
-
-    def load_one(p: Path) -> Tensor:
-        from PIL import Image
-
-        try:
-            with Image.open(p) as im:
-                im = im.convert(mode)
-                w, h = im.size
-                scale = (min(hw) / crop_pct) / min(w, h)
-                nw, nh = max(hw[1], round(w * scale)), max(hw[0], round(h * scale))
-                im = im.resize((nw, nh), Image.BILINEAR)
-                left, top = (nw - hw[1]) // 2, (nh - hw[0]) // 2
-                im = im.crop((left, top, left + hw[1], top + hw[0]))
-                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types
-            raise InputError(f"cannot read image {p} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); remove or fix it") from None
-        x = data.reshape(hw[0], hw[1], channels).permute(2, 0, 1).float() / 255.0
-        return (x - mean_t.reshape(-1, 1, 1)) / std_t.reshape(-1, 1, 1)
-
-    def it() -> Iterator[Batch]:
-        for i in range(0, len(files), batch):
-            yield (torch.stack([load_one(p) for p in files[i:i + batch]]),)
-
-    return CalibrationData(
-        it, description=f"{folder} ({len(files)} images, {hw[0]}x{hw[1]})", num_samples=len(files),
-        batch=batch, sample_shape=[channels, *hw],
+    pre = preprocess_for(model, size=size, crop=crop, mean=mean, std=std, spec=spec)
+    source = ImageFolderData(folder, files, pre, batch=batch, workers=workers, pin_memory=pin_memory, device=device,
+                             ignored=ignored)
+    hw = pre.size
+    data = CalibrationData(
+        lambda: iter(source), description=f"{folder} ({len(files)} images, {hw[0]}x{hw[1]})", num_samples=len(files),
+        batch=batch, sample_shape=[pre.channels, *hw],
     )
+    data.loader = source
+    return data
 
 
 def _as_batch(item: Any, spec: str, index: int) -> Batch:
@@ -335,10 +284,18 @@ def calibration_batches(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     model: nn.Module | None = None,
+    crop: float | None = None,
+    workers: int = 0,
+    pin_memory: bool = False,
+    device: Any = None,
+    model_spec: str | None = None,
 ) -> CalibrationData:
     """The input batches named by ``spec`` (see the module docstring); at most ``samples`` samples,
     ``batch`` per batch. ``model`` (optional) supplies image preprocessing defaults and the expected
-    input shape to check against."""
+    input shape to check against. An image folder also takes ``crop``, ``workers`` (DataLoader
+    processes), ``pin_memory`` (for a CUDA model), ``device`` (where torchrun's all-gather of the ranks'
+    slices runs) and ``model_spec`` (whose torchvision weights' preprocessing is the default): see
+    :mod:`normswap.images`."""
     _check_counts(samples, batch)
     if isinstance(spec, Tensor) or (isinstance(spec, (tuple, list)) and spec and all(isinstance(t, Tensor) for t in spec)):
         xs = [spec] if isinstance(spec, Tensor) else list(spec)
@@ -359,7 +316,8 @@ def calibration_batches(
         return data
     p = Path(text).expanduser()
     if p.is_dir():
-        data = _image_data(p, samples=samples, batch=batch, size=size, mean=mean, std=std, model=model)
+        data = _image_data(p, samples=samples, batch=batch, size=size, mean=mean, std=std, model=model, crop=crop,
+                           workers=workers, pin_memory=pin_memory, device=device, spec=model_spec)
         _check_shape(data, model)
         return data
     if p.suffix.lower() in TENSOR_SUFFIXES or p.is_file():

@@ -118,10 +118,11 @@ def split_heldout(data: Any, fraction: float = HELDOUT_FRACTION, seed: int = HEL
                         source=desc)
 
 
-def heldout_data(spec: Any, model: Any, loaded: Any, *, batch: int = 256) -> tuple[Any, str | None]:
+def heldout_data(spec: Any, model: Any, loaded: Any, *, batch: int = 256, **loader: Any) -> tuple[Any, str | None]:
     """The held-out data of a job: ``spec`` (``--heldout DATA``: any form ``--calib`` takes) when given,
     else the labelled held-out set normswap knows for the model (the bundled digits test split), else
-    (None, None) — and then the caller holds out part of the calibration data (:func:`split_heldout`)."""
+    (None, None) — and then the caller holds out part of the calibration data (:func:`split_heldout`).
+    ``loader``: an image folder's reading options, as for ``--calib`` (:func:`normswap.data.calibration_batches`)."""
     from .pipeline.stages import heldout_for
 
     from .data import _is_labelled_pair, check_finite
@@ -140,7 +141,7 @@ def heldout_data(spec: Any, model: Any, loaded: Any, *, batch: int = 256) -> tup
             return load_digits("test"), "the digits test split (held out)"
         from .data import calibration_batches
 
-        data = calibration_batches(spec, batch=batch, model=getattr(loaded, "model", None))
+        data = calibration_batches(spec, batch=batch, model=getattr(loaded, "model", None), **loader)
         return data, f"--heldout {spec}" if isinstance(spec, str) else "the given held-out data"
     return heldout_for(model, loaded)
 

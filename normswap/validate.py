@@ -16,7 +16,8 @@ from pathlib import Path
 
 from normswap.errors import InputError
 
-__all__ = ["options", "output_paths", "positive_int", "non_negative_int", "finite_positive", "input_size", "spec_path"]
+__all__ = ["options", "output_paths", "positive_int", "non_negative_int", "finite_positive", "input_size", "spec_path",
+           "device_name", "amp_name", "image_size", "float_list", "crop_fraction", "runtime_options"]
 
 # the files `--save DIR` writes (normswap.saved); an output or input naming one of them collides
 SAVED_FILES = ("conversion.json", "model.safetensors")
@@ -165,3 +166,100 @@ def options(*, atol: float | None = None, rtol: float | None = None, target_agre
         raise InputError(f"--target-agreement {target_agreement} must be in (0, 1], e.g. 0.99")
     for name, v in values.items():
         _CHECKS[name](f"--{name.replace('_', '-')}", v)  # type: ignore[operator]
+
+
+# ---- where and how the model runs (torch-free: checked before any work) -----------------------
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+AMP_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
+
+
+def device_name(value: str | None) -> str:
+    """``--device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``;
+    returned normalized (lower case, no spaces). Whether the device exists is checked by
+    :func:`normswap.devices.resolve_device` (it needs torch)."""
+    text = "auto" if value is None else str(value).strip().lower()
+    if text in ("auto", "cpu", "cuda", "mps"):
+        return text
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return f"cuda:{int(text[5:])}"
+    raise InputError(f"--device {value!r} is not a device; pass {DEVICE_FORMS}")
+
+
+def amp_name(value: str | None) -> str | None:
+    """``--amp``: None (float32), ``bf16`` or ``fp16`` (``bfloat16`` / ``float16`` accepted)."""
+    if value is None or str(value).strip().lower() in ("", "off", "none", "fp32", "float32"):
+        return None
+    name = AMP_NAMES.get(str(value).strip().lower())
+    if name is None:
+        raise InputError(f"--amp {value!r} is not a precision; pass bf16 or fp16 (or omit it for float32)")
+    return name
+
+
+def image_size(value: str | int | Sequence[int] | None, option: str = "--size") -> tuple[int, int] | None:
+    """``--size``: ``S`` (square) or ``H,W`` in pixels, each ≥ 1 and at most 8192."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        parts: list[object] = [value]
+    elif isinstance(value, str):
+        parts = [p.strip() for p in value.replace("x", ",").split(",")]
+    else:
+        parts = list(value)
+    try:
+        dims = [int(p) for p in parts if str(p) != ""]  # type: ignore[call-overload]
+        ok = len(dims) in (1, 2) and all(str(int(p)) == str(p).strip() for p in parts)
+    except (TypeError, ValueError):
+        dims, ok = [], False
+    if not ok or any(d < 1 or d > 8192 for d in dims):
+        raise InputError(f"{option} {value!r} must be a side S or H,W in pixels (1 to 8192), e.g. 224 or 224,160")
+    return (dims[0], dims[0]) if len(dims) == 1 else (dims[0], dims[1])
+
+
+def crop_fraction(value: float | None, option: str = "--crop") -> float | None:
+    """``--crop``: the center crop's share of the resized short side, in (0, 1] (timm's ``crop_pct``;
+    0.875 = resize to 256, crop 224)."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise InputError(f"{option} {value!r} must be a fraction in (0, 1], e.g. 0.875 (resize 256, crop 224)")
+    return v
+
+
+def float_list(value: str | Sequence[float] | None, option: str, *, positive: bool = False) -> tuple[float, ...] | None:
+    """``--mean`` / ``--std``: one value or one per channel (``0.485,0.456,0.406``), finite (``--std``: > 0)."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    try:
+        vals = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        vals = ()
+    if not vals or len(vals) > 4 or not all(math.isfinite(v) for v in vals) or (positive and min(vals) <= 0):
+        need = "positive" if positive else "finite"
+        raise InputError(f"{option} {value!r} must be 1 or one {need} number per channel, comma-separated, e.g. 0.5 or 0.485,0.456,0.406")
+    return vals
+
+
+def runtime_options(*, device: str | None = None, amp: str | None = None, workers: int | None = None,
+                    size: object = None, crop: object = None, mean: object = None, std: object = None,
+                    calib: object = None, recover_steps: int | None = None, amp_needs_steps: bool = True) -> None:
+    """Every option of where the model runs and how image folders are read, checked together before
+    any work: the forms above, and that the image options have a folder to apply to and ``--amp`` a
+    recovery to run in."""
+    device_name(device)
+    precision = amp_name(amp)
+    non_negative_int("--workers", workers)
+    given = [o for o, v in (("--size", image_size(size)), ("--crop", crop_fraction(crop)),
+                            ("--mean", float_list(mean, "--mean")), ("--std", float_list(std, "--std", positive=True)),
+                            ("--workers", workers or None)) if v is not None]
+    if given and not (isinstance(calib, (str, os.PathLike)) and Path(str(calib)).expanduser().is_dir()):
+        what = "no --calib" if calib is None else f"--calib {calib} is not a folder"
+        raise InputError(f"{given[0]} applies to a folder of images given to --calib, and {what}; drop {given[0]} "
+                         "(tensor files, digits and module:callable data are read as they are)")
+    if precision is not None and amp_needs_steps and not recover_steps:
+        raise InputError(f"--amp {amp} is mixed precision for recovery; add --recover-steps N (calibration sums stay in float64)")

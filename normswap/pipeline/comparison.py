@@ -40,6 +40,12 @@ def run_comparison(
     latency_budget: float | None = None,
     decode: Any = None,
     decode_tol: float | None = None,
+    device: Any = "auto",
+    workers: int = 0,
+    size: Any = None,
+    crop: float | None = None,
+    mean: Any = None,
+    std: Any = None,
 ) -> Any:
     """Every requested target side by side on one model (:func:`normswap.compare.compare_targets`):
     the same validate → load stages as :func:`run_conversion`, calibration data and held-out data
@@ -47,7 +53,10 @@ def run_comparison(
     sweep (passed through); ``plot``: its PNG, written with the report. ``heldout`` (``--heldout DATA``):
     the held-out data every quality number is measured on (default: the model's known held-out set, else
     20% of the calibration data, seeded); ``output_kind``: see :mod:`normswap.kinds`;
-    ``latency_budget``: the recommendation's limit, × the folded model's latency (default 2.0);
+    ``latency_budget``: the recommendation's limit, × the folded model's latency (default 2.0).
+    ``device``: where calibration and the agreement measures run (:mod:`normswap.pipeline.runtime`; the
+    rewrites, ONNX latency and the batch sweep stay on the CPU); ``workers``, ``size``, ``crop``, ``mean``,
+    ``std``: how an image folder given to ``calib`` is read;
     ``decode`` / ``decode_tol``: rank by agreement read through a decoder (default: the model's ``normswap_decode``)."""
     from normswap import validate
     from normswap.compare import batch_sizes_from, compare_targets
@@ -61,6 +70,7 @@ def run_comparison(
     from normswap.heldout import check_options
 
     check_options(output_kind, heldout, calib, decode, decode_tol)
+    validate.runtime_options(device=device, workers=workers, size=size, crop=crop, mean=mean, std=std, calib=calib)
     if latency_budget is not None:
         validate.finite_positive("--latency-budget", latency_budget)
     sizes = None if batch_sizes is None else batch_sizes_from(batch_sizes)
@@ -79,14 +89,15 @@ def run_comparison(
         progress.note(n)
     shape, _ = example_shape(loaded, input_shape)
     x = example_input(shape)
+    from .runtime import runtime_for
+
+    run = runtime_for(device, None, workers, size=size, crop=crop, mean=mean, std=std)
     data = heldout = hname = None
     if calib is not None:
-        from normswap.data import calibration_batches
-
-        data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model)
+        data = run.batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model, spec=loaded.spec)
         from normswap.heldout import heldout_data
 
-        heldout, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
+        heldout, hname = heldout_data(heldout, model, loaded, batch=calib_batch, **run.loader(loaded.spec))
         if isinstance(heldout, tuple) and len(heldout) == 2:  # labelled (x, y): the inputs
             hx = heldout[0]
             heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]
@@ -97,9 +108,10 @@ def run_comparison(
                              decode=decode, decode_tol=decode_tol)
     rep = compare_targets(loaded.model, names, (x,), calib=data, heldout=heldout, heldout_name=hname, groups=groups,
                           latency=latency, runs=runs, threads=threads, progress=progress,  # one stage per target
-                          batch_sizes=sizes, batch_samples=batch_samples, output_kind=output_kind,
+                          batch_sizes=sizes, batch_samples=batch_samples, output_kind=output_kind, device=run.device,
                           **({} if latency_budget is None else {"latency_budget": latency_budget}),
                           model_name=loaded.spec or ("bundled digits ResNet" if isinstance(model, (str, type(None))) else type(loaded.model).__name__))
+    rep.runtime = run.to_dict(data)
     if plot is not None and write and rep.batch_sweep is not None:
         rep.batch_sweep.save_plot(plot)
     if report is not None and write:

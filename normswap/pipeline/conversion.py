@@ -33,6 +33,7 @@ class ConversionResult:
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)  # what was written: onnx / save / report
     notes: list[str] = field(default_factory=list)
+    runtime: dict[str, Any] | None = None  # where calibration / recovery ran and how the data was read
 
     def __bool__(self) -> bool:
         return self.verdict.exit_code == 0
@@ -58,6 +59,8 @@ class ConversionResult:
             extra["batch_independence"] = self.batch_independence
         if self.notes:
             extra["notes"] = list(self.notes)
+        if self.runtime is not None:
+            extra["runtime"] = dict(self.runtime)
         return build_report(self.conversion, model=self.model_info, export=self.export, parity=self.parity,
                             timings=self.seconds, extra=extra)
 
@@ -86,6 +89,10 @@ class ConversionResult:
             parts.append(sites_table(special, title="sites needing more than a plain rewrite"))
         if self.kept is not None:
             parts.append(self.kept)
+        if self.runtime is not None:
+            from .runtime import Runtime
+
+            parts.append(Text(Runtime.line(self.runtime)))
         if self.parity is not None and self.parity.stats:
             parts.append(self.parity)
         if self.export is not None:
@@ -150,6 +157,13 @@ def run_conversion(
     heldout: Any = None,
     decode: Any = None,
     decode_tol: float | None = None,
+    device: Any = "auto",
+    amp: str | None = None,
+    workers: int = 0,
+    size: Any = None,
+    crop: float | None = None,
+    mean: Any = None,
+    std: Any = None,
 ) -> ConversionResult:
     """Run every stage of one conversion (module docstring) and return its :class:`ConversionResult`.
 
@@ -168,6 +182,9 @@ def run_conversion(
     detectors are recognised and default to 1): ``input_shape`` is then one image's ``C,H,W``, the ONNX
     takes exactly that many images, and a detector is verified before and after post-processing
     (:mod:`normswap.pipeline.image_lists`).
+    ``device`` (``auto`` = the GPU when there is one) and ``amp`` (``bf16``/``fp16``, recovery only): where
+    calibration and recovery run; ``workers``, ``size``, ``crop``, ``mean``, ``std``: how an image folder
+    given to ``calib`` is read (:mod:`normswap.images`); see :mod:`normswap.pipeline.runtime`.
     """
     import torch
 
@@ -180,6 +197,8 @@ def run_conversion(
     validate.options(atol=atol, rtol=rtol, groups=groups, calib_samples=calib_samples, calib_batch=calib_batch,
                      recover_steps=recover_steps, recover_batch=recover_batch, lr=lr)
     validate.positive_int("--images", images)
+    validate.runtime_options(device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
+                             calib=calib, recover_steps=recover_steps)
     if recover_steps and calib is None:
         raise InputError("--recover-steps needs calibration data: add --calib DATA (e.g. --calib digits)")
     if calib is not None and to == "fold":
@@ -252,22 +271,26 @@ def run_conversion(
         conv = rewrite(original, to, (x,), groups=groups, atol=atol, rtol=rtol, verify=False, source=source)
         seconds["rewrite"] = time.perf_counter() - t
 
-    kept = None
+    kept = runtime = None
     if calib is not None:
-        from normswap.data import calibration_batches
         from normswap.recover import keep_function
 
-        data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model)
+        from .runtime import runtime_for
+
+        run = runtime_for(device, amp, workers, size=size, crop=crop, mean=mean, std=std)
+        data = run.batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model, spec=loaded.spec)
         from normswap.heldout import heldout_data
 
         # --heldout DATA, else the held-out set normswap knows, else keep_function holds out 20% of the data
-        held, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
+        held, hname = heldout_data(heldout, model, loaded, batch=calib_batch, **run.loader(loaded.spec))
         # keep_function draws its own "calibrate" and "recover" stages (the latter per step) on ``progress``
-        kept = keep_function(loaded.model, conv, data, heldout=held, heldout_name=hname, output_kind=output_kind,
-                             decode=decode, decode_tol=decode_tol,
-                             recover_steps=recover_steps,
-                             recover_batch=recover_batch, seed=seed, lr=lr, progress=progress, plot=None)
+        with run.place(loaded.model, conv.model) as teacher:
+            kept = keep_function(teacher, conv, data, heldout=held, heldout_name=hname, output_kind=output_kind,
+                                 decode=decode, decode_tol=decode_tol,
+                                 recover_steps=recover_steps, recover_batch=recover_batch, seed=seed, lr=lr,
+                                 progress=progress, plot=None, amp=amp)
         seconds.update(kept.seconds)
+        runtime = run.to_dict(data)
 
     with ExitStack() as stack:
         exported, onnx_tmp, export_error = None, None, None
@@ -326,7 +349,7 @@ def run_conversion(
                       "images": n_images, "notes": loaded.notes, "dtype": _dtype_name(half) if half is not None else _dtype_name(_model_dtype(original)),
                       "tolerances": {"atol": atol, "rtol": rtol}}
         result = ConversionResult(conversion=conv, model_info=model_info, verdict=verdict, parity=parity, export=exported,
-                                  kept=kept, drift=drift, batch_independence=bi, seconds=seconds)
+                                  kept=kept, drift=drift, batch_independence=bi, seconds=seconds, runtime=runtime)
         if exported is not None and n_images is not None:
             result.notes.append(f"the ONNX takes exactly {n_images} image(s) of {'×'.join(map(str, shape))} "
                                 f"({', '.join(exported.input_names)}), the form torchvision's detector exports use")

@@ -31,6 +31,7 @@ class RecoveryResult:
     heldout: dict[str, Any] | None = None
     checkpoints: str | None = None
     notes: list[str] = field(default_factory=list)
+    runtime: dict[str, Any] | None = None  # device, precision, workers, preprocessing
 
     @property
     def verdict(self) -> Verdict:
@@ -47,7 +48,8 @@ class RecoveryResult:
         return {"saved": self.saved, "to": self.to, "recovery": self.recovery.to_dict(), "measured_on": self.measured_on,
                 "agreement_before": self.before, "agreement_after": self.after, "measure": self.measure,
                 "output_kind": self.output_kind, "heldout": self.heldout,
-                "checkpoints": self.checkpoints, "notes": list(self.notes), "verdict": self.verdict.to_dict()}
+                "checkpoints": self.checkpoints, "notes": list(self.notes), "verdict": self.verdict.to_dict(),
+                "runtime": self.runtime}
 
     def __rich__(self) -> Any:
         from rich.console import Group
@@ -61,6 +63,10 @@ class RecoveryResult:
             if h.get("accuracy") is not None:
                 line += f", {h['truth']} {h['accuracy']:.4f} (original {h['original_accuracy']:.4f})"
             parts.append(Text(line))
+        if self.runtime is not None:
+            from .runtime import Runtime
+
+            parts.append(Text(Runtime.line(self.runtime)))
         parts.append(Text(self.verdict.line, style="bold green"))
         return Group(*parts)
 
@@ -101,6 +107,13 @@ def run_recovery(
     decode: Any = None,
     decode_tol: float | None = None,
     heldout: Any = None,
+    device: Any = "auto",
+    amp: str | None = None,
+    workers: int = 0,
+    size: Any = None,
+    crop: float | None = None,
+    mean: Any = None,
+    std: Any = None,
 ) -> RecoveryResult:
     """Distil the original into a saved (swapped) conversion and save it back — only if top-1
     agreement with the original improved (held-out data when normswap knows it, else the calibration
@@ -108,10 +121,10 @@ def run_recovery(
     model, or the spec the record names only with ``trust_spec`` (a saved directory is data).
     ``heldout`` (``--heldout DATA``): the held-out data; default: the model's known held-out set, else
     20% of the calibration data (seeded split; recovery trains on the rest). ``output_kind``: see
-    :mod:`normswap.kinds` (default: detected)."""
+    :mod:`normswap.kinds` (default: detected). ``device``, ``amp``, ``workers``, ``size``, ``crop``, ``mean``,
+    ``std``: where recovery runs and how an image folder is read (:mod:`normswap.pipeline.runtime`)."""
     from normswap import validate
     from normswap.calibrate import accuracy, agreement
-    from normswap.data import calibration_batches
     from normswap.defaults import DEFAULT_TEMPERATURE
     from normswap.errors import InputError
     from normswap.recover import recover
@@ -126,6 +139,8 @@ def run_recovery(
     from normswap.heldout import check_options
 
     check_options(output_kind, heldout, calib, decode, decode_tol)
+    validate.runtime_options(device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
+                             calib=calib, recover_steps=steps)
     validate.output_paths(
         {"--report": report, "--out": out, "--checkpoint-dir": checkpoint_dir},
         {"--weights": weights, "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model),
@@ -165,39 +180,43 @@ def run_recovery(
     plain_gn = 0
     if conv.to == "gn-ws":  # as convert's summary line says it
         plain_gn = sum(any("GN without weight standardization" in n for n in (a.to_dict().get("notes") or [])) for a in conv.actions)
-    data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=teacher.model)
-    held, hname = heldout_data(heldout, model, teacher, batch=calib_batch)
+    from .runtime import runtime_for
+
+    run = runtime_for(device, amp, workers, size=size, crop=crop, mean=mean, std=std)
+    data = run.batches(calib, samples=calib_samples, batch=calib_batch, model=teacher.model, spec=teacher.spec)
+    held, hname = heldout_data(heldout, model, teacher, batch=calib_batch, **run.loader(teacher.spec))
     labelled = isinstance(held, tuple) and len(held) == 2
     split = None
     if held is None:  # no held-out set known: hold out 20% of the calibration data, train on the rest
         split = split_heldout(data)
         data, held, hname = split.calib, split.heldout, split.describe()
     hx = held[0] if labelled else held
-    outputs = detect(teacher.model, hx, output_kind, max_batches=1, decode=decode, decode_tol=decode_tol)
+    with run.place(teacher.model, conv.model) as original:
+        outputs = detect(original, hx, output_kind, max_batches=1, decode=decode, decode_tol=decode_tol)
 
-    def measure() -> float | None:
-        return agreement(teacher.model, conv.model, hx, output_kind=outputs).quality
+        def measure() -> float | None:
+            return agreement(original, conv.model, hx, output_kind=outputs).quality
 
-    before_state = {k: v.detach().clone() for k, v in conv.model.state_dict().items()}
-    before = measure()
-    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else saved_dir / "recover-checkpoints"
-    # with held-out data, recovery itself ends on its best evaluated step (unless keep_last)
-    rep = recover(teacher.model, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
-                  seed=seed, augment=augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every, resume=resume,
-                  target_agreement=target_agreement, progress=progress,
-                  batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch,
-                  heldout=hx, keep_best=not keep_last, output_kind=outputs)
-    from normswap.recover import check_finite_model
+        before_state = {k: v.detach().clone() for k, v in conv.model.state_dict().items()}
+        before = measure()
+        ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else saved_dir / "recover-checkpoints"
+        # with held-out data, recovery itself ends on its best evaluated step (unless keep_last)
+        rep = recover(original, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
+                      seed=seed, augment=augment, checkpoint_dir=ckdir, checkpoint_every=checkpoint_every, resume=resume,
+                      target_agreement=target_agreement, progress=progress,
+                      batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch,
+                      heldout=hx, keep_best=not keep_last, output_kind=outputs, amp=amp)
+        from normswap.recover import check_finite_model
 
-    check_finite_model(conv.model, "recovery")
-    after = measure()
+        check_finite_model(conv.model, "recovery")
+        after = measure()
     where = hname or "held-out data"
     # worse only when the held-out loss rose beyond its noise (paired over the same samples), not on a
     # top-1 difference of a sample or two
     change = rep.heldout_change
     worse = change is not None and change.get("verdict") == "higher"
     result = RecoveryResult(to=conv.to, recovery=rep, saved=None, before=before, after=after, measured_on=where, checkpoints=str(ckdir),
-                            measure=outputs.label, output_kind=outputs.describe())
+                            measure=outputs.label, output_kind=outputs.describe(), runtime=run.to_dict(data))
     if plain_gn:
         result.notes.append(f"{plain_gn} of the {sum(a.action == 'swapped' for a in conv.actions)} swapped site(s) got GN without "
                             "weight standardization (no plain conv feeds only that BN)")

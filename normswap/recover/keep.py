@@ -77,6 +77,7 @@ def keep_function(
     progress: Any = True,
     plot: str | os.PathLike[str] | None = None,
     check: bool = True,
+    amp: str | None = None,
 ) -> FunctionReport:
     """Naive swap → calibration → recovery on ``conversion`` (its model is changed in place), measured
     against ``original`` after each stage on **held-out** data, with per-layer drift and the drift plot
@@ -90,7 +91,8 @@ def keep_function(
     itself (labelled so in the report). ``output_kind``: see :mod:`normswap.kinds` (default: detected
     from the original's outputs); ``decode`` / ``decode_tol``: read the outputs through a decoder
     (:func:`normswap.kinds.resolve_decoder`; default: the model's ``normswap_decode``). ``check``: calibration's held-out never-worse check (see
-    :func:`~normswap.calibrate.calibrate`). Returns a :class:`FunctionReport`."""
+    :func:`~normswap.calibrate.calibrate`). ``amp``: recovery's mixed precision (:func:`recover`).
+    Returns a :class:`FunctionReport`."""
     from ..heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from ..kinds import detect
 
@@ -144,7 +146,7 @@ def keep_function(
                                feature_weight=feature_weight, seed=seed, augment=augment,
                                checkpoint_dir=checkpoint_dir, target_agreement=target_agreement, progress=progress,
                                batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch, output_kind=outputs,
-                               heldout=eval_data if heldout is not None else None)
+                               heldout=eval_data if heldout is not None else None, amp=amp)
         rep.seconds["recover"] = time.perf_counter() - t0
         rep.stages.append(measure("recovered"))
         check_finite_model(model, "recovery", rep.stages[-1].agreement)

@@ -208,6 +208,7 @@ def recover(
     heldout: Any = None,
     keep_best: bool = False,
     output_kind: Any = None,
+    amp: str | None = None,
 ) -> RecoveryReport:
     """Distil ``teacher`` into ``student`` (a :class:`~normswap.Conversion` or the swapped module,
     trained in place) on ``batches`` for ``steps`` Adam steps; see the module docstring.
@@ -226,7 +227,9 @@ def recover(
     on it at the start and every ``eval_every`` steps (shown beside the bar); with ``keep_best`` the
     student ends with the weights of the best of those evaluations — the starting weights included, so
     recovery never leaves a model that agrees less on held-out data than the one it was given.
-    Returns a :class:`RecoveryReport`; the student keeps its train/eval flags."""
+    ``amp``: ``"bf16"`` / ``"fp16"`` runs the training step's forwards and loss under autocast on the
+    model's device (fp16 with a grad scaler; :class:`normswap.devices.Precision`); every evaluation
+    stays float32. Returns a :class:`RecoveryReport`; the student keeps its train/eval flags."""
     from ..convert import Conversion
 
     conv = student if isinstance(student, Conversion) else None
@@ -253,6 +256,10 @@ def recover(
                          checkpoint=None if ckdir is None else str(ckdir))
     t_start = time.perf_counter()
     device = _model_device(model)
+    from ..devices import precision
+
+    prec = precision(amp, device)
+    scaler = prec.scaler()
     flags = [(m, m.training) for m in model.modules()]
     teacher_flags = [(m, m.training) for m in teacher.modules()]
 
@@ -380,30 +387,37 @@ def recover(
                 batch = _to(batch, device)
                 if augment:
                     batch = _augment(batch, shift, noise)
-                if tap is not None:
-                    tap.enabled = True
-                with torch.no_grad():
-                    t_out = teacher(*batch)
-                if tap is not None:
-                    tap.enabled = False
-                s_out = net(*batch)
-                loss = outputs.loss(s_out, t_out, temperature)
-                if tap is not None:
-                    fl = []
-                    for n in names:
-                        for s_f in feats[n]:
-                            t_f = tap.pop(n)
-                            if t_f is not None:
-                                fl.append(((s_f - t_f) ** 2).sum() / (t_f * t_f).sum().clamp_min(1e-12))
-                        feats[n].clear()
-                    tap.clear()
-                    if fl:
-                        loss = loss + feature_weight * torch.stack(fl).mean()
+                with prec.autocast():
+                    if tap is not None:
+                        tap.enabled = True
+                    with torch.no_grad():
+                        t_out = teacher(*batch)
+                    if tap is not None:
+                        tap.enabled = False
+                    s_out = net(*batch)
+                    loss = outputs.loss(s_out, t_out, temperature)
+                    if tap is not None:
+                        fl = []
+                        for n in names:
+                            for s_f in feats[n]:
+                                t_f = tap.pop(n)
+                                if t_f is not None:
+                                    s_f, t_f = s_f.float(), t_f.float()
+                                    fl.append(((s_f - t_f) ** 2).sum() / (t_f * t_f).sum().clamp_min(1e-12))
+                            feats[n].clear()
+                        tap.clear()
+                        if fl:
+                            loss = loss + feature_weight * torch.stack(fl).mean()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, steps, lr, schedule)
-                opt.step()
+                if scaler is not None:  # fp16: scaled loss, unscaled step skipped on inf/NaN gradients
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
                 step += 1
                 lv = float(loss.detach())
                 if not math.isfinite(lv):

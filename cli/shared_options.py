@@ -1,5 +1,7 @@
-"""Calibration and recovery options shared by ``normswap convert`` / ``recover`` / ``compare`` (the
-calibrate and recover stages themselves are in :mod:`normswap.pipeline`)."""
+"""Options shared by ``normswap convert`` / ``recover`` / ``compare``: calibration and recovery, where
+they run (``--device``, ``--amp``) and how image folders are read (``--workers``, ``--size``, ``--crop``,
+``--mean``, ``--std``). Not a command: the stages themselves are in :mod:`normswap.pipeline`, the
+checks of these values in :mod:`normswap.validate` (torch-free, before any work)."""
 
 from __future__ import annotations
 
@@ -36,4 +38,25 @@ DecodeTolOpt = Annotated[float | None, typer.Option(
 HeldoutOpt = Annotated[str | None, typer.Option(
     "--heldout", help="held-out data for every agreement number (same forms as --calib); default: the model's known "
     "held-out set (the bundled digits test split), else 20% of the calibration data, split with a fixed seed.",
+    show_default=False)]
+
+# ---- where the model runs, and how image folders are read ---------------------------------------
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="where calibration, recovery and the agreement measures run: auto (the GPU when there is one), "
+    "cpu, cuda, cuda:N or mps; under torchrun each rank takes cuda:LOCAL_RANK. Export and parity stay on the CPU.")]
+AmpOpt = Annotated[str | None, typer.Option(
+    "--amp", help="recovery in mixed precision: bf16 or fp16 (autocast; fp16 with a grad scaler). Calibration sums "
+    "stay in float64.", show_default=False)]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="image folders: DataLoader worker processes decoding images (0 = in this process).")]
+SizeOpt = Annotated[str | None, typer.Option(
+    "--size", help="image folders: the side S (or H,W) the model sees after the center crop (default: the model's "
+    "timm/torchvision preprocessing, else its input shape).", show_default=False)]
+CropOpt = Annotated[float | None, typer.Option(
+    "--crop", help="image folders: the crop's share of the resized short side, in (0, 1] (0.875: resize 256, crop "
+    "224; default: the model's preprocessing, else 1).", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option(
+    "--mean", help="image folders: per-channel mean, e.g. 0.485,0.456,0.406 (default: the model's preprocessing, else 0).",
+    show_default=False)]
+StdOpt = Annotated[str | None, typer.Option(
+    "--std", help="image folders: per-channel std, e.g. 0.229,0.224,0.225 (default: the model's preprocessing, else 1).",
     show_default=False)]
