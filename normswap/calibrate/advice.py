@@ -6,7 +6,7 @@ the first :data:`ADVICE_SAMPLES` calibration samples (fewer when they would exce
 LOW_R2, or kept-previous by the held-out check), the R² the best per-channel affine reaches with the statistics of
 LayerNorm (G = 1) and of other group counts is computed on them:
 
-    R² = 1 − Σ_c (V_y,c − C_c² / V_z,c) / Σ_c V_y,c,   z = GN_G(x),  V, C centered per channel sums.
+    R² = 1 − Σ_c (V_y,c − C_c² / V_z,c) / Σ_c V_y,c,   z = GN_G(x),  V, C centered per-channel sums (float64).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .report import SiteCalibration
 
 #: calibration samples per GroupNorm site the advice keeps from the fit pass
-ADVICE_SAMPLES = 32
+ADVICE_SAMPLES = 16
 #: ... and the most memory (bytes, x and y together, all sites) they may take
 ADVICE_BYTES = 256 * 2 ** 20
 
@@ -63,11 +63,9 @@ class AdviceTap:
             gn = self.mods[s.site]
             c, g_now = int(x.shape[1]), int(gn.num_groups)
             options = sorted({1, *(g for g in (2, 4, 8, 16, 32, 64) if c % g == 0)} - {g_now})
-            yc = y.movedim(1, 0).reshape(c, -1)
-            yc = yc - yc.mean(1, keepdim=True)
-            vy = (yc * yc).sum(1, dtype=torch.float64)
-            scores = {g: _r2(F.group_norm(x, g, eps=gn.eps), yc, vy) for g in options}
-            now = _r2(F.group_norm(x, g_now, eps=gn.eps), yc, vy)
+            ys = _sums(y, y)
+            scores = {g: _r2(F.group_norm(x, g, eps=gn.eps), y, ys) for g in options}
+            now = _r2(F.group_norm(x, g_now, eps=gn.eps), y, ys)
             cur.append(now)
             for g, v in scores.items():
                 tally.setdefault(g, []).append(v)
@@ -89,12 +87,20 @@ class AdviceTap:
                 f"(first {samples} calibration samples): try it"]
 
 
-def _r2(z: Tensor, yc: Tensor, vy: Tensor) -> float:
-    """R² of the best per-channel affine a·z + b against centered ``yc`` [C, M] (float64 sums)."""
-    c = z.shape[1]
-    zc = z.movedim(1, 0).reshape(c, -1)
-    zc = zc - zc.mean(1, keepdim=True)
-    vz, cov = (zc * zc).sum(1, dtype=torch.float64), (zc * yc).sum(1, dtype=torch.float64)
+def _sums(a: Tensor, y: Tensor) -> Tensor:
+    """Per-channel float64 [Σa, Σa², Σa·y, M] over every sample and position of [N, C, *S] tensors."""
+    dims = (0, *range(2, a.dim()))
+    m = a.numel() // a.shape[1]
+    sq = torch.linalg.vector_norm(a, 2, dims, dtype=torch.float64).square()
+    cross = sq if a is y else (a * y).sum(dims, dtype=torch.float64)
+    return torch.stack([a.sum(dims, dtype=torch.float64), sq, cross, torch.full_like(sq, float(m))])
+
+
+def _r2(z: Tensor, y: Tensor, ys: Tensor) -> float:
+    """R² of the best per-channel affine a·z + b for ``y`` (``ys`` = :func:`_sums` of y): from centered
+    sums V_z = Σz² − (Σz)²/M, C = Σzy − Σz·Σy/M, V_y likewise."""
+    sz, szz, szy, m = _sums(z, y)
+    sy, syy = ys[0], ys[1]
+    vz, vy, cov = szz - sz * sz / m, (syy - sy * sy / m).clamp_min(0), szy - sz * sy / m
     sse = vy - torch.where(vz > 0, cov * cov / vz.clamp_min(1e-300), torch.zeros_like(vz))
     return float(1 - sse.sum() / vy.sum().clamp_min(1e-300))
-

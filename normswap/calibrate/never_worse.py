@@ -99,6 +99,12 @@ def per_sample_loss(outputs: Any, out: Any, ref: Any) -> Tensor:
     return torch.stack([outputs.loss(pytree.tree_map(cut(i), out), pytree.tree_map(cut(i), ref), 1.0) for i in range(n)])
 
 
+def _sq_err(a: Tensor, y: Tensor) -> Tensor:
+    """‖a_i − y_i‖² of each sample, float64 [N] (one temporary: the difference)."""
+    d = a - y
+    return torch.linalg.vector_norm(d.reshape(d.shape[0], -1), 2, 1, dtype=torch.float64).square()
+
+
 @dataclass
 class _Eval:
     """One state of the student on the held-out data: mean kind loss, measures, per-sample losses."""
@@ -184,8 +190,8 @@ class _Heldout:
                     prev = functional_call(mod, previous[name], (args[0],))
                 finally:
                     busy[0] = False
-                errs[name][0].append((out - y).square().flatten(1).sum(1).double())
-                errs[name][1].append((prev - y).square().flatten(1).sum(1).double())
+                errs[name][0].append(_sq_err(out, y))
+                errs[name][1].append(_sq_err(prev, y))
             return hook
 
         handles = [m.register_forward_hook(site_hook(n)) for n, m in mods.items()]
