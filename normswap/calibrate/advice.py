@@ -4,7 +4,7 @@ During the fit pass every GroupNorm site keeps its input ``x`` and the original'
 the first :data:`ADVICE_SAMPLES` calibration samples (fewer when they would exceed
 :data:`ADVICE_BYTES` over all sites). After the fits, only at the sites whose fit failed (R² <
 LOW_R2, or kept-previous by the held-out check), the R² the best per-channel affine reaches with the statistics of
-LayerNorm (G = 1) and of other group counts is computed on them:
+LayerNorm (G = 1) and of the neighbouring group counts (G/2, 2G) is computed on them:
 
     R² = 1 − Σ_c (V_y,c − C_c² / V_z,c) / Σ_c V_y,c,   z = GN_G(x),  V, C centered per-channel sums (float64).
 """
@@ -62,7 +62,7 @@ class AdviceTap:
             samples = max(samples, int(x.shape[0]))
             gn = self.mods[s.site]
             c, g_now = int(x.shape[1]), int(gn.num_groups)
-            options = sorted({1, *(g for g in (2, 4, 8, 16, 32, 64) if c % g == 0)} - {g_now})
+            options = sorted({g for g in (1, g_now // 2, g_now * 2) if g >= 1 and c % g == 0} - {g_now})
             ys = _sums(y, y)
             scores = {g: _r2(F.group_norm(x, g, eps=gn.eps), y, ys) for g in options}
             now = _r2(F.group_norm(x, g_now, eps=gn.eps), y, ys)
