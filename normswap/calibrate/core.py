@@ -57,9 +57,10 @@ def calibrate(
     :class:`~normswap.kinds.Outputs`; default: detected from the original's outputs on the first batch).
     ``heldout``: data the fit never sees (batches, or a tensor). With it, the report's agreement is
     measured on it before and after, and (``check``) calibration never makes the held-out loss worse:
-    the readout refit, then each site in execution order, keeps its previous parameters when the
-    fitted ones raise the kind's loss on ``heldout`` (status ``kept-previous``), and if the result is
-    still worse than the naive swap everything is put back. ``readout_ridge``: the readout's ridge
+    the readout refit, then the sites whose held-out error the fit raised beyond noise (together),
+    keep their previous parameters when that lowers the kind's loss on ``heldout`` (status
+    ``kept-previous``), and if the result is still worse than the naive swap everything is put back
+    (:mod:`normswap.calibrate.never_worse`: two or three passes over ``heldout``). ``readout_ridge``: the readout's ridge
     strength (default :data:`READOUT_RIDGE`).
     """
     from ..convert import Conversion

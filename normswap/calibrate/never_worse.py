@@ -253,7 +253,7 @@ def never_worse(held: _Heldout, teacher: nn.Module, fits: dict[str, Any], mods: 
     """Run the checks (module docstring) and leave the student in the state they chose; returns the
     report's ``heldout`` entry."""
     refit = head is not None and readout_info is not None and bool(readout_info.get("refit"))
-    scr = held.screen(teacher, mods, naive_state, head if refit and check else None)
+    scr = held.screen(teacher, mods if check else {}, naive_state, head if refit and check else None)
     fitted_state = {n: _state(m) for n, m in mods.items()}
     for n, m in mods.items():  # the naive swap: every previous parameter, the trained readout
         _load(m, naive_state[n])
@@ -264,7 +264,8 @@ def never_worse(held: _Heldout, teacher: nn.Module, fits: dict[str, Any], mods: 
         _load(m, fitted_state[n])
     if refit:
         head.write()
-    info: dict[str, Any] = {"loss": held.loss_name, "samples": int(naive.per_sample.numel()), "loss_naive": naive.loss,
+    samples = paired(naive.per_sample, naive.per_sample, held.reduce).n  # over every rank
+    info: dict[str, Any] = {"loss": held.loss_name, "samples": samples, "loss_naive": naive.loss,
                             "loss_fitted": scr.fitted.loss, "naive": dict(naive.measures)}
     if not check:
         info.update(loss_after=scr.fitted.loss, after=dict(scr.fitted.measures), checked=False, passes=2)
