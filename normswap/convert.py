@@ -154,7 +154,9 @@ def rewrite(
     ``to`` is ``"fold"`` or a norm target (``normswap.targets()``).  ``example_inputs`` give the
     shapes the passes need (e.g. whether a Linear's output is ``[N, C]``) and, with ``verify``,
     the inputs on which an exact rewrite must reproduce the original — a mismatch raises
-    :class:`ParityError` naming the first diverging node.
+    :class:`ParityError` naming the first diverging node.  Verification is its own cost: with
+    ``verify=False`` the original is not run at all unless a site needs shapes (then once, by the
+    pass itself); :func:`check_example_inputs` checks inputs up front.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -162,9 +164,9 @@ def rewrite(
     validate.positive_int("--groups", groups)
     inputs = _as_inputs(example_inputs)
     options = {"groups": groups} if to != "fold" and groups is not None else {}
-    # one eval run of the original (flags restored, no grad: nothing of the caller's changes): bad
-    # example inputs are the user's to fix, and its output is what an exact rewrite must reproduce
-    ref_out = _run_reference(model, inputs) if inputs is not None else None
+    # with verify: one eval run of the original (flags restored, no grad: nothing of the caller's
+    # changes): bad example inputs are the user's to fix, and its output is what an exact rewrite must reproduce
+    ref_out = _run_reference(model, inputs) if inputs is not None and verify else None
     result = _run_pass(model, to, inputs, options, skip)
     _refuse_if_nothing_rewritten(result, to, skip)
     conv = Conversion(
@@ -198,6 +200,14 @@ def _refuse_if_nothing_rewritten(result: PassResult, to: str, skip: Iterable[str
             f"--to {to} rewrote none of the {len(asked)} norm site(s): {asked[0].site}: {reasons[0]}{more}; "
             "nothing was converted — see `normswap inspect MODEL --to " + to + "` for every site's reason"
         )
+
+
+def check_example_inputs(model: nn.Module, example_inputs: Tensor | Sequence[Any]) -> None:
+    """Run ``model`` once in eval mode on ``example_inputs`` (flags restored); :class:`InputError`
+    saying which shape it expects when it fails."""
+    inputs = _as_inputs(example_inputs)
+    if inputs is not None:
+        _run_reference(model, inputs)
 
 
 def _run_reference(reference: nn.Module, inputs: tuple[Any, ...]) -> Any:

@@ -170,12 +170,37 @@ def _with_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
     the caller's model.
     """
     req = layer.weight.requires_grad
+    if _plain_layer(layer):
+        return _fresh_layer(layer, nn.Parameter(weight, requires_grad=req), nn.Parameter(bias, requires_grad=req))
     memo: dict[int, Any] = {id(layer.weight): nn.Parameter(weight, requires_grad=req)}
     if layer.bias is not None:
         memo[id(layer.bias)] = nn.Parameter(bias, requires_grad=req)
     new = copy.deepcopy(layer, memo)
     if layer.bias is None:
         new.bias = nn.Parameter(bias, requires_grad=req)
+    return new
+
+
+#: layers whose whole state is their weight, bias and plain attributes (ints, tuples, strings)
+_PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    """Exactly a torch Conv/ConvTranspose/Linear, with no hooks, submodules or buffers and no
+    parameter but weight and bias: a copy needs no deepcopy."""
+    d = layer.__dict__
+    return (type(layer) in _PLAIN_LAYERS and not layer._modules and not layer._buffers
+            and set(layer._parameters) <= {"weight", "bias"}
+            and not any(v for k, v in d.items() if "hook" in k and isinstance(v, dict)))
+
+
+def _fresh_layer(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter) -> nn.Module:
+    """A new module of ``layer``'s type with its plain attributes, fresh containers (hook tables and
+    the like: nothing shared with ``layer``) and the given weight and bias — what a deepcopy with
+    those two in its memo gives, without walking the object graph."""
+    new = object.__new__(type(layer))
+    new.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in layer.__dict__.items()})
+    new._parameters["weight"], new._parameters["bias"] = weight, bias
     return new
 
 

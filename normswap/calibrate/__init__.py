@@ -36,16 +36,23 @@ space (the original's outputs through the inverse link, probabilities clamped). 
 <normswap.recover.keep_function>` and the pipelines pass the model's held-out set, or 20% of the
 calibration data split off with a fixed seed, :mod:`normswap.heldout`), the report measures the
 output kind's agreement (:mod:`normswap.kinds`) on it before and after, and calibration never makes the
-kind's distillation loss on it worse: the readout refit, then each site in execution order, keeps its
-previous parameters when the fitted ones raise the held-out loss (status ``kept-previous``, with the
-two losses), and when the result is still worse than the naive swap, everything is put back. Where
-GroupNorm cannot match a site (R² < :data:`LOW_R2`), the R² that LayerNorm or another group count
-reaches at the same sites is computed on two calibration batches and the better alternative named
-(typical after a ReLU + max-pool, whose non-negative inputs carry their signal in the group means).
+kind's distillation loss on it worse (:mod:`normswap.calibrate.never_worse`, two or three held-out
+passes whatever the number of sites): one screening pass scores the fitted model, the readout's
+trained weights on the same features, and at every site the paired per-sample error against the
+original with the fitted and the previous parameters; the readout refit, then the sites whose fit is
+worse there beyond noise (:func:`normswap.calibrate.paired.paired`: > 2 standard errors of the paired
+difference), together, keep their previous parameters when that lowers the held-out loss (status
+``kept-previous``); and when the result is still worse than the naive swap, everything is put back.
+Each decision records both losses, the paired noise figure and its sample count. Where GroupNorm
+cannot match a site (R² < :data:`LOW_R2`), the R² that LayerNorm or a neighbouring group count
+reaches there is computed on the first calibration samples the fit pass kept
+(:mod:`normswap.calibrate.advice`) and the better alternative named (typical after a ReLU +
+max-pool, whose non-negative inputs carry their signal in the group means).
 
 **Layout.** ``taps`` (sites, the teacher's hooks), ``solvers`` (moments, Gram matrices, per-site
-fits, R²), ``readout`` (the readout and its links), ``core`` (the pass, the held-out check, the GN
-advice), ``metrics`` (agreement, drift), ``report``, ``dist``.
+fits, R²), ``readout`` (the readout and its links), ``core`` (the pass), ``never_worse`` (the held-out checks),
+``paired`` (the paired comparison), ``advice`` (the GN advice), ``metrics`` (agreement, drift),
+``report``, ``dist``.
 
 **How it streams.** Teacher (the original, eval, with temporary forward hooks that are removed and
 its train/eval flags restored afterwards; it is never modified) and student (the swapped model, eval)
@@ -67,11 +74,12 @@ in float64; Σz² as a norm, so no squared copy is written) and a closed-form so
 through one reused buffer per activation shape, the fitted output is written into the norm's own
 output, and the teacher's outputs into reused buffers (holding on to them instead made every later
 allocation of the forward fault in fresh memory), so the pass allocates little beyond the two
-forwards. The report gives the call's wall time as a ratio to the teacher's forward time inside the
-call; ``benchmarks/bench.py`` (section 5) measures it against separate plain forwards (see the README
-for the numbers: about 2–2.6× on a ResNet-18 at 112², about 3× on the tiny 8×8 digits ResNet, whose
-convolutions are so small that the per-site element-wise passes and Python hooks cost nearly as much
-as they do; Switchable Norm's gradient steps cost more).
+forwards. The report's cost is the call's wall time, every check included, split into fit pass,
+readout, held-out checks and advice, each as a ratio to the teacher's forward time inside the fit pass
+(one forward of the original over the calibration data); ``benchmarks/bench.py`` (section 5) measures
+the stage as ``run_conversion`` runs it against separate plain forwards (see the README for the
+numbers; on the tiny 8×8 digits ResNet the per-site element-wise passes and Python hooks cost nearly
+as much as its convolutions; Switchable Norm's gradient steps cost more).
 
 **Distributed.** When ``torch.distributed`` is initialized with more than one process, each rank
 takes its contiguous shard of every batch (``shard_batches=True``; pass False if your batches already

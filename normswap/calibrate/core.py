@@ -13,7 +13,9 @@ from ..data import as_batches, local_batch
 from ..errors import InputError, NormswapError
 from ..norms.ws import standardized_once
 from ..parity import eval_mode
-from ..kinds import Meter, outputs_for
+from ..kinds import Meter, Outputs, outputs_for
+from .advice import AdviceTap
+from .never_worse import _Heldout, _state, never_worse
 from .readout import READOUT_MIN_REL, _Readout, _ReadoutProbe
 from .report import LOW_R2, MIN_R2_GAIN, CalibrationReport, SiteCalibration
 from .solvers import SN_BATCHES, SN_LR, SN_STEPS, _BinFit, _Fit, _fit_quality, _Scratch, _SNFit, _why_lossy
@@ -55,9 +57,10 @@ def calibrate(
     :class:`~normswap.kinds.Outputs`; default: detected from the original's outputs on the first batch).
     ``heldout``: data the fit never sees (batches, or a tensor). With it, the report's agreement is
     measured on it before and after, and (``check``) calibration never makes the held-out loss worse:
-    the readout refit, then each site in execution order, keeps its previous parameters when the
-    fitted ones raise the kind's loss on ``heldout`` (status ``kept-previous``), and if the result is
-    still worse than the naive swap everything is put back. ``readout_ridge``: the readout's ridge
+    the readout refit, then the sites whose held-out error the fit raised beyond noise (together),
+    keep their previous parameters when that lowers the kind's loss on ``heldout`` (status
+    ``kept-previous``), and if the result is still worse than the naive swap everything is put back
+    (:mod:`normswap.calibrate.never_worse`: two or three passes over ``heldout``). ``readout_ridge``: the readout's ridge
     strength (default :data:`READOUT_RIDGE`).
     """
     from ..convert import Conversion
@@ -104,10 +107,10 @@ def calibrate(
     naive_state = {n: _state(m) for n, m in smod_of.items()}
     device = _model_device(student)
     held: _Heldout | None = None
-    held_naive: tuple[float, Any] | None = None
-    if heldout is not None:
-        held = _Heldout(teacher, student, heldout, output_kind, active, group, rank, world, shard_batches, device)
-        held_naive = held.evaluate()
+    if heldout is not None:  # kept on the device; the original runs on it once, in the first check pass
+        held = _Heldout(student, heldout, active, group, rank, world, shard_batches, device)
+    # GroupNorm sites keep a few samples' (x, y) for the advice, should their fit fail
+    advice = AdviceTap(smod_of) if any(isinstance(m, nn.GroupNorm) for m in smod_of.values()) else None
 
     scratch = _Scratch()
     for f in fits.values():
@@ -132,6 +135,8 @@ def calibrate(
             if fit.calls == 0:
                 order.append(name)
             fit.calls += 1
+            if advice is not None and advice.wants(name):
+                advice.add(name, x, y)
             fit.before_batch(x, y)
             fs = fit.feats(x, out)
             fit.add(fs, y, y_stats)
@@ -141,7 +146,7 @@ def calibrate(
 
     samples = nbatches = 0
     teacher_seconds = 0.0
-    outputs = held.outputs if held is not None else None
+    outputs = output_kind if isinstance(output_kind, Outputs) else None  # known up front, else from the first batch
     agree = Meter(outputs if outputs is not None else output_kind, teacher)
     head: _Readout | None = None
     # the readout: when asked for (readout=True), or by default when some site was fitted
@@ -214,6 +219,7 @@ def calibrate(
         for f in entered:
             f.exit()
 
+    t_fit = time.perf_counter()
     readout_info: dict[str, Any] | None = None
     if head is not None:
         rel_now = agree.result()["rel_err"] or 0.0
@@ -260,22 +266,22 @@ def calibrate(
             if why:
                 rs.note += f" ({why})"
 
-    seconds = time.perf_counter() - t_start  # the pass and the solves: what cost_ratio compares (the checks below are apart)
+    t_readout = time.perf_counter()
 
-    # -- calibration never makes the held-out loss worse: readout, then each site, then all together
+    # -- calibration never makes the held-out loss worse (normswap.calibrate.never_worse)
     heldout_info: dict[str, Any] | None = None
-    if held is not None and held_naive is not None:
-        t_check = time.perf_counter()
-        heldout_info = _never_worse(held, held_naive, fits, smod_of, naive_state, order, head, readout_info, report_sites,
-                                    check and bool(fits))
+    if held is not None:
+        held.set_outputs(outputs)
+        heldout_info = never_worse(held, teacher, fits, {n: m for n, m in smod_of.items() if fits[n].calls}, naive_state,
+                                   head, readout_info, report_sites, check and bool(fits))
         heldout_info["data"] = heldout_name or "held-out data"
-        heldout_info["seconds"] = round(time.perf_counter() - t_check, 4)
+        heldout_info["seconds"] = round(time.perf_counter() - t_readout, 4)
         kept = [s for s in report_sites if s.status == "kept-previous"]
         if kept:
             warnings.append(f"{len(kept)} site(s) kept their previous parameters: the fitted ones raised the held-out "
                             f"{held.loss_name} ({', '.join(s.site for s in kept[:4])}{', ...' if len(kept) > 4 else ''})")
-    advice = _advise(teacher, student, data, report_sites, smod_of, conv, device) if fits else []
-    warnings += advice
+    t_check = time.perf_counter()
+    warnings += advice.advise(report_sites) if advice is not None else []
 
     def names(sites: list[SiteCalibration]) -> str:
         return ", ".join(s.site for s in sites[:4]) + (", ..." if len(sites) > 4 else "")
@@ -291,202 +297,11 @@ def calibrate(
                         "a short recovery (normswap recover) usually closes the gap")
     rank_of = {n: i for i, n in enumerate(order)}
     report_sites.sort(key=lambda s: rank_of.get(s.site, len(order)))
+    t_end = time.perf_counter()
+    parts = {"fit pass": t_fit - t_start, "readout": t_readout - t_fit, "held-out checks": t_check - t_readout,
+             "advice": t_end - t_check}
     return CalibrationReport(
-        sites=report_sites, samples=samples, batches=nbatches, passes=passes, seconds=seconds,
+        sites=report_sites, samples=samples, batches=nbatches, passes=passes, seconds=t_end - t_start, parts=parts,
         teacher_seconds=teacher_seconds, world_size=world, agreement=dict(agree.result()), readout=readout_info,
         warnings=warnings, output_kind=None if outputs is None else outputs.describe(), heldout=heldout_info,
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# the held-out check
-
-
-def _state(m: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
-
-
-def _load(m: nn.Module, state: dict[str, Tensor]) -> None:
-    with torch.no_grad():
-        for k, v in m.state_dict().items():
-            v.copy_(state[k])
-
-
-class _Heldout:
-    """Held-out data with the original's outputs computed once; :meth:`evaluate` runs the student over
-    it: (the kind's loss at temperature 1, mean per sample; the kind's measures)."""
-
-    def __init__(self, teacher: nn.Module, student: nn.Module, data: Any, output_kind: Any, active: bool, group: Any,
-                 rank: int, world: int, shard: bool, device: torch.device) -> None:
-        self.student, self.active, self.group, self.device = student, active, group, device
-        self.batches: list[tuple[Tensor, ...]] = []
-        self.refs: list[Any] = []
-        with eval_mode(teacher), torch.no_grad():
-            for b in as_batches(data):
-                if active and shard:
-                    b = local_batch(b, rank, world)
-                    if b is None:
-                        continue
-                b = _to(b, device)
-                self.batches.append(b)
-                self.refs.append(teacher(*b))
-        if not self.refs:
-            raise InputError("the held-out data yielded no batches; give at least one sample")
-        self.outputs = outputs_for(self.refs[0], output_kind, teacher)
-        self.loss_name = f"{self.outputs.kind.name} distillation loss"
-
-    def evaluate(self) -> tuple[float, Any]:
-        meter = Meter(self.outputs)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        with eval_mode(self.student), standardized_once(self.student), torch.no_grad():
-            for b, ref in zip(self.batches, self.refs):
-                out = self.student(*b)
-                meter.add(ref, out)
-                n = float(b[0].shape[0])
-                total += torch.stack([self.outputs.loss(out, ref, 1.0).double() * n, torch.tensor(n, dtype=torch.float64, device=self.device)])
-        meter.reduce(self.active, self.group, self.device)
-        total = _all_reduce(total, self.active, self.group)
-        return float(total[0] / total[1].clamp_min(1)), meter.result()
-
-
-#: a change counts as worse only beyond this relative margin (float noise of the loss)
-_WORSE_MARGIN = 1e-6
-
-
-def _never_worse(held: _Heldout, naive: tuple[float, Any], fits: dict[str, Any], mods: dict[str, nn.Module],
-                 naive_state: dict[str, dict[str, Tensor]], order: list[str], head: Any, readout_info: dict[str, Any] | None,
-                 sites: list[SiteCalibration], check: bool) -> dict[str, Any]:
-    loss0, m0 = naive
-    loss, m = held.evaluate()
-    info: dict[str, Any] = {"loss": held.loss_name, "loss_naive": loss0, "loss_fitted": loss, "naive": dict(m0)}
-    if not check:
-        info.update(loss_after=loss, after=dict(m), checked=False)
-        return info
-    by_site = {s.site: s for s in sites}
-    fitted_state = {n: _state(mod) for n, mod in mods.items()}
-    trace: list[dict[str, Any]] = []  # each decision: the held-out loss with the fit and with the previous parameters
-    if head is not None and readout_info is not None and readout_info.get("refit"):
-        head.restore()
-        l_r, m_r = held.evaluate()
-        trace.append({"site": "readout", "fitted": loss, "previous": l_r, "kept": "previous" if l_r < loss * (1 - _WORSE_MARGIN) else "fitted"})
-        if l_r < loss * (1 - _WORSE_MARGIN):
-            readout_info["refit"] = False
-            readout_info["note"] = (f"readout refit reverted: it raised the held-out {held.loss_name} {l_r:.4g} → {loss:.4g}")
-            loss, m = l_r, m_r
-        else:
-            head.write()
-    for n in [*order, *[k for k in fits if k not in order]]:
-        if n not in mods:
-            continue
-        _load(mods[n], naive_state[n])
-        l_s, m_s = held.evaluate()
-        trace.append({"site": n, "fitted": loss, "previous": l_s, "kept": "previous" if l_s < loss * (1 - _WORSE_MARGIN) else "fitted"})
-        if l_s < loss * (1 - _WORSE_MARGIN):
-            s = by_site[n]
-            s.status = "kept-previous"
-            s.note = (f"fitted parameters raised the held-out {held.loss_name} ({l_s:.4g} → {loss:.4g}); "
-                      "kept the previous ones" + (f" (fit R² {s.r2_after:.2f})" if s.r2_after is not None else ""))
-            loss, m = l_s, m_s
-        else:
-            _load(mods[n], fitted_state[n])
-    if loss > loss0 * (1 + _WORSE_MARGIN):  # still worse than the naive swap: put everything back
-        for n, mod in mods.items():
-            _load(mod, naive_state[n])
-            if by_site[n].status not in ("not-run",):
-                by_site[n].status, by_site[n].note = "kept-previous", "calibration as a whole raised the held-out loss; all sites kept their previous parameters"
-        if head is not None and readout_info is not None and readout_info.get("refit"):
-            head.restore()
-            readout_info["refit"] = False
-            readout_info["note"] = "readout refit reverted with the rest: calibration as a whole raised the held-out loss"
-        loss, m = held.evaluate()
-    info.update(loss_after=loss, after=dict(m), checked=True, trace=trace,
-                kept_previous=[s.site for s in sites if s.status == "kept-previous"])
-    return info
-
-
-# ---------------------------------------------------------------------------------------------------
-# when GroupNorm cannot match: what would
-
-
-#: batches of the calibration data the advice pass looks at
-ADVICE_BATCHES = 2
-
-
-def _advise(teacher: nn.Module, student: nn.Module, data: Any, sites: list[SiteCalibration], mods: dict[str, nn.Module],
-            conv: Any, device: torch.device) -> list[str]:
-    """For GroupNorm sites calibration could not match (R² < LOW_R2): the R² the best per-channel affine
-    reaches at the same site with the statistics of LayerNorm (G = 1) and of other group counts, on the
-    first :data:`ADVICE_BATCHES` calibration batches; the better alternative is named, with numbers.
-    Non-negative inputs (after a ReLU) are said so: their group means carry the signal GN removes."""
-    import torch.nn.functional as F
-
-    weak = [s for s in sites if s.status in ("low-r2", "cannot-help", "kept-previous") and isinstance(mods.get(s.site), nn.GroupNorm)
-            and s.r2_after is not None]
-    if not weak:
-        return []
-    names = [s.site for s in weak]
-    tap = _TeacherTap(teacher, names)
-    xs: dict[str, list[Tensor]] = {n: [] for n in names}
-    handles = [mods[n].register_forward_pre_hook(lambda m, a, n=n: xs[n].append(a[0].detach().clone())) for n in names]
-    ys: dict[str, list[Tensor]] = {n: [] for n in names}
-    try:
-        with eval_mode(teacher, student), torch.no_grad():
-            for i, b in enumerate(as_batches(data)):
-                if i >= ADVICE_BATCHES:
-                    break
-                b = _to(b, device)
-                teacher(*b)
-                student(*b)
-                for n in names:
-                    y = tap.pop(n)
-                    if y is not None:
-                        ys[n].append(y.detach().clone())
-                tap.clear()
-    finally:
-        for h in handles:
-            h.remove()
-        tap.remove()
-
-    def r2(z: Tensor, y: Tensor) -> float:
-        c = z.shape[1]
-        zc, yc = z.movedim(1, 0).reshape(c, -1).double(), y.movedim(1, 0).reshape(c, -1).double()
-        zc, yc = zc - zc.mean(1, keepdim=True), yc - yc.mean(1, keepdim=True)
-        vz, vy, cov = (zc * zc).sum(1), (yc * yc).sum(1), (zc * yc).sum(1)
-        sse = vy - torch.where(vz > 0, cov * cov / vz.clamp_min(1e-300), torch.zeros_like(vz))
-        return float(1 - sse.sum() / vy.sum().clamp_min(1e-300))
-
-    lines: list[str] = []
-    tally: dict[int, list[float]] = {}
-    cur_tally: list[float] = []
-    nonneg = 0
-    for s in weak:
-        if not xs[s.site] or not ys[s.site]:
-            continue
-        x, y = torch.cat(xs[s.site]), torch.cat(ys[s.site])
-        if x.shape != y.shape or x.dim() < 3:
-            continue
-        gn = mods[s.site]
-        c, g_now = int(x.shape[1]), int(gn.num_groups)
-        options = sorted({1, *(g for g in (2, 4, 8, 16, 32, 64) if c % g == 0)} - {g_now})
-        scores = {g: r2(F.group_norm(x, g, eps=gn.eps), y) for g in options}
-        now = r2(F.group_norm(x, g_now, eps=gn.eps), y)
-        cur_tally.append(now)
-        for g, v in scores.items():
-            tally.setdefault(g, []).append(v)
-        if bool((x >= 0).all()):
-            nonneg += 1
-        best = max(scores, key=scores.get) if scores else None
-        if best is not None and scores[best] > now + 0.02:
-            s.extra["alternatives_r2"] = {("ln" if g == 1 else f"groups={g}"): round(v, 4) for g, v in scores.items()}
-            s.extra["alternatives_r2"][f"groups={g_now} (this)"] = round(now, 4)
-    if not tally or not cur_tally:
-        return lines
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    best_g = max(tally, key=lambda g: mean(tally[g]))
-    if mean(tally[best_g]) > mean(cur_tally) + 0.02:
-        alt = "--to ln (GroupNorm(1, C))" if best_g == 1 else f"--groups {best_g}"
-        why = f"; {nonneg} of them take non-negative (post-ReLU) inputs, whose group means GN removes" if nonneg else ""
-        lines.append(f"GroupNorm cannot match the original at {len(cur_tally)} site(s): the best per-channel fit reaches R² "
-                     f"{mean(cur_tally):.2f} (mean){why}; {alt} reaches R² {mean(tally[best_g]):.2f} at the same sites "
-                     f"(first {ADVICE_BATCHES} calibration batches): try it")
-    return lines

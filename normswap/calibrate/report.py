@@ -54,10 +54,12 @@ class CalibrationReport:
     ``agreement`` is measured on the calibration data *during* the last pass (each batch with the
     parameters fitted so far, before the readout refit) — not held out; ``heldout`` (when
     :func:`calibrate` was given held-out data) holds the kind's measures and loss on it before
-    (``naive``) and after (``after``), and the sites that kept their previous parameters. ``cost_ratio`` = wall time of the whole call / time of one forward of the
-    original over the same data (the teacher's forwards, timed inside the call minus the time spent in
-    calibration's own hooks on it). ``benchmarks/bench.py`` measures the same ratio against separate
-    plain forward passes."""
+    (``naive``) and after (``after``), and the sites that kept their previous parameters.
+    ``seconds`` is the wall time of the whole call, every check included; ``parts`` splits it (fit pass,
+    readout, held-out checks, advice). ``cost_ratio`` = ``seconds`` / one forward of the original over
+    the calibration data (the teacher's forwards in the fit pass, minus the time of calibration's own
+    hooks on it); :meth:`part_ratios` gives each part the same way. ``benchmarks/bench.py`` measures the
+    stage against separate plain forward passes."""
 
     sites: list[SiteCalibration]
     samples: int = 0
@@ -71,6 +73,17 @@ class CalibrationReport:
     warnings: list[str] = field(default_factory=list)
     output_kind: str | None = None  # the outputs' kind and how it was chosen (normswap.kinds.Outputs.describe)
     heldout: dict[str, Any] | None = None
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def forward_seconds(self) -> float:
+        """One forward of the original over the calibration data."""
+        return self.teacher_seconds / max(self.passes, 1)
+
+    def part_ratios(self) -> dict[str, float]:
+        """Each part's seconds / one forward of the original over the calibration data."""
+        f = self.forward_seconds
+        return {k: v / f for k, v in self.parts.items()} if f > 0 else {}
 
     @property
     def kept_previous_sites(self) -> list[str]:
@@ -81,7 +94,7 @@ class CalibrationReport:
     def cost_ratio(self) -> float | None:
         if self.teacher_seconds <= 0:
             return None
-        return self.seconds / (self.teacher_seconds / max(self.passes, 1))
+        return self.seconds / self.forward_seconds
 
     @property
     def low_r2_sites(self) -> list[str]:
@@ -101,8 +114,9 @@ class CalibrationReport:
             "passes": self.passes,
             "world_size": self.world_size,
             "seconds": round(self.seconds, 4),
-            "original_forward_seconds": round(self.teacher_seconds / max(self.passes, 1), 4),
+            "original_forward_seconds": round(self.forward_seconds, 4),
             "cost_ratio": None if cr is None else round(cr, 3),
+            "parts": {k: {"seconds": round(v, 4), "ratio": round(self.part_ratios().get(k, 0.0), 3)} for k, v in self.parts.items()},
             "agreement_during_pass": {k: (None if v is None else round(float(v), 6)) for k, v in self.agreement.items()},
             "readout": self.readout,
             "output_kind": self.output_kind,
@@ -117,9 +131,11 @@ class CalibrationReport:
     def summary(self) -> str:
         fitted = sum(s.status in ("fitted", "low-r2", "cannot-help") for s in self.sites)
         cr = self.cost_ratio
+        split = ", ".join(f"{k} {v:.2f}×" for k, v in self.part_ratios().items())
         parts = [f"calibrated {fitted}/{len(self.sites)} site(s) on {self.samples} samples"
                  f" ({self.passes} pass{'es' if self.passes > 1 else ''}, {self.seconds:.2f}s"
-                 + (f", {cr:.2f}× one forward of the original" if cr is not None else "") + ")"]
+                 + (f" = {cr:.2f}× one forward of the original over those {self.samples} samples" if cr is not None else "")
+                 + ")"]
         h = self.heldout
         if h is not None and h.get("after"):
             from ..kinds import Measures
@@ -128,8 +144,9 @@ class CalibrationReport:
             key = next(iter(after))
             label = _label(key)
             if after.get(key) is not None and before.get(key) is not None:
+                n = f", {h['samples']} samples" if "samples" in h else ""
                 parts.append(f"held-out {label} {before[key]:.4f} → {after[key]:.4f} on {h.get('data', 'held-out data')}"
-                             + (f" (never-worse check {h['seconds']:.2f}s)" if h.get("checked") and "seconds" in h else ""))
+                             + (f" (never-worse check {h['seconds']:.2f}s{n})" if h.get("checked") and "seconds" in h else ""))
         else:
             key = next((k for k in self.agreement if k != "rel_err"), None)
             v = self.agreement.get(key) if key else None
@@ -146,6 +163,8 @@ class CalibrationReport:
         if self.low_r2_sites:
             parts.append(f"{len(self.low_r2_sites)} site(s) with R² < {LOW_R2}"
                          + (f", {len(self.cannot_help_sites)} of them beyond calibration's reach" if self.cannot_help_sites else ""))
+        if split and cr is not None:
+            parts.append(f"of which {split} (× one forward)")
         return "; ".join(parts)
 
     def __rich__(self) -> Any:

@@ -261,10 +261,11 @@ def run_conversion(
     if half is not None and extra is not None:
         extra = _cast_floats(extra, half)
 
-    from normswap.convert import rewrite
+    from normswap.convert import check_example_inputs, rewrite
 
     with progress.stage("rewrite", detail=f"--to {to}"):
         t = time.perf_counter()
+        check_example_inputs(original, (x,))  # bad input shape: InputError before any work
         # verify=False: the parity stage checks every exact rewrite at batches 1 and 3 (noise floor
         # included) and, unlike an exception here, still lets the report and --keep-failed happen
         source = None if not isinstance(model, (str, type(None))) else {"spec": loaded.spec, "args": loaded.args, "weights": loaded.weights}
