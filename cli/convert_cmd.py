@@ -73,6 +73,8 @@ def convert(
     heldout: HeldoutOpt = None,
     seed: SeedOpt = 0,
     lr: LrOpt = DEFAULT_LR,
+    fold_norms: Annotated[Optional[str], typer.Option("--fold-norms", help="with --to fold --calib: which per-sample norms (GroupNorm, LayerNorm, ...) become fitted affines and fold: auto (while the held-out drop stays within --max-drop), all, or site names separated by commas.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="with --fold-norms auto: the largest held-out drop of the output kind's quality allowed (default 0.005).")] = None,
     images: Annotated[Optional[int], typer.Option("--images", help="the model takes a list of this many images (C,H,W from --input-shape); torchvision detectors are recognised and default to 1. The ONNX takes exactly that many.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or bfloat16: convert and verify a half-precision copy (fold only; default: the model's own dtype).")] = None,
     json_out: JsonOpt = False,
@@ -91,7 +93,7 @@ def convert(
         exporter=exporter, opset=opset, atol=atol, rtol=rtol, keep_failed=keep_failed, calib=calib,
         calib_samples=calib_samples, calib_batch=calib_batch, recover_steps=recover_steps, recover_batch=recover_batch,
         seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out), dtype=dtype,
-        images=images, output_kind=output_kind, heldout=heldout,
+        images=images, output_kind=output_kind, heldout=heldout, fold_norms=fold_norms, max_drop=max_drop,
     )
     if json_out:
         print_json(result.to_dict())
