@@ -472,7 +472,8 @@ def fold(
     # safety net: a BN the site search did not reach is reported, never silently left behind
     seen = {a.site for a in result.actions}
     for name, m in result.model.named_modules():
-        if is_fold_site(m) and not isinstance(m, (ChannelAffine, FittedAffine)) and name not in seen:
+        inside = any(name.startswith(f"{s}.") for s in seen)  # e.g. the GroupNorm of a NormAct site
+        if is_fold_site(m) and not isinstance(m, (ChannelAffine, FittedAffine)) and name not in seen and not inside:
             result.actions.append(SiteAction(name, type(m).__name__, "refuse", reason="not reached by the site search (please report)"))
     result.graphs = {p.qualname: p.graph for p in cap.parts}
     result.node_maps = maps
