@@ -5,13 +5,13 @@ The stage before the fold pass (which then folds every fitted affine exactly, li
 1. **fit** every per-sample norm site (:func:`normswap.norm_fit.fit_norm_affines`) on the calibration part;
 2. **cost**: per site, the held-out quality drop (the output kind's primary measure against the original)
    of the original with *only that site* replaced by its open-loop affine;
-3. **front**: sites replaced cumulatively, cheapest first (open-loop affines): the quality after each —
-   the compute/quality front to choose from;
+3. **front**: sites replaced cumulatively, cheapest first, each prefix fitted closed loop (step 5) with
+   only its sites replaced: the held-out quality after each — the compute/quality front to choose from;
 4. **choose** (``--fold-norms``): ``all``; a comma-separated list of site names; or ``auto``: the longest
-   cheapest-first prefix whose cumulative drop stays within ``--max-drop`` (default
+   cheapest-first prefix whose measured drop stays within ``--max-drop`` (default
    :data:`DEFAULT_MAX_DROP`); every other site is kept and says why;
-5. **calibrate**: refit the chosen sites closed-loop (each on the student's own inputs, earlier chosen
-   sites already affine) — the model the fold receives;
+5. **calibrate**: the chosen sites fitted closed loop (each on the student's own inputs, earlier chosen
+   sites already affine) — the model the fold receives (for a cheapest-first prefix, the front's own fit);
 6. **recover** (``--recover-steps``): label-free distillation of that model onto the original, before the fold.
 
 Held-out quality is measured after the open-loop replacement ("naive"), the calibration and the recovery.
@@ -215,8 +215,14 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
     cost = {n: None if base is None or (q := quality(affine_model(original, fits, [n], loop="open"))) is None else base - q
             for n in names}
     order = sorted(names, key=lambda n: (cost[n] is None, cost[n] if cost[n] is not None else 0.0))
-    front = [FrontPoint(order[:k], quality(affine_model(original, fits, order[:k], loop="open")))
-             for k in range(1, len(order) + 1)]
+    # the front: the first k sites (cheapest first) fitted closed loop with only them replaced — the
+    # model that would be folded — one fit pass and one held-out evaluation per k
+    prefix_fits: list[Any] = []
+    front = []
+    for k in range(1, len(order) + 1):
+        fk = fits if k == len(order) else fit_norm_affines(original, calib, names=order[:k])
+        prefix_fits.append(fk)
+        front.append(FrontPoint(order[:k], quality(affine_model(original, fk, order[:k], loop="closed"))))
     seconds["measure"] = time.perf_counter() - t
     reasons: dict[str, str] = {}
     measure = getattr(outputs.kind, "labels", {}).get(outputs.primary, outputs.primary)
@@ -226,9 +232,9 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         chosen = [n for n in names if n in set(mode)]
         reasons = {n: "not named in --fold-norms" for n in names if n not in set(mode)}
     else:
-        k = 0
-        while k < len(front) and front[k].quality is not None and base is not None and base - front[k].quality <= max_drop:
-            k += 1
+        within = [i + 1 for i, p in enumerate(front) if p.quality is not None and base is not None
+                  and base - p.quality <= max_drop]
+        k = max(within, default=0)  # the longest cheapest-first prefix within --max-drop
         chosen = [n for n in names if n in set(order[:k])]
         for i, n in enumerate(order[k:], start=k):
             q = front[i].quality
@@ -243,14 +249,13 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         rep.model = original
         return rep
     t = time.perf_counter()
-    if set(chosen) != set(names):  # closed loop again, with only the chosen sites replaced upstream
-        fits_chosen = fit_norm_affines(original, calib, names=chosen)
-        for c in choices:
-            if c.folded:
-                c.fit = fits_chosen[c.fit.name]
-        fits_for = fits_chosen
-    else:
-        fits_for = fits
+    if set(chosen) == set(order[:len(chosen)]):  # a cheapest-first prefix: its fit is already made
+        fits_for = prefix_fits[len(chosen) - 1]
+    else:  # closed loop again, with only the chosen sites replaced upstream
+        fits_for = fit_norm_affines(original, calib, names=chosen)
+    for c in choices:
+        if c.folded:
+            c.fit = fits_for[c.fit.name]
     seconds["fit"] += time.perf_counter() - t
 
     def stage(name: str, model: Any) -> None:
