@@ -84,6 +84,8 @@ def convert(
     decode_tol: DecodeTolOpt = None,
     seed: SeedOpt = 0,
     lr: LrOpt = DEFAULT_LR,
+    fold_norms: Annotated[Optional[str], typer.Option("--fold-norms", help="with --to fold --calib: which per-sample norms (GroupNorm, LayerNorm, ...) become fitted affines and fold: auto (while the held-out drop stays within --max-drop), all, or site names separated by commas.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="with --fold-norms auto: the largest held-out drop of the output kind's quality allowed (default 0.005).")] = None,
     images: Annotated[Optional[int], typer.Option("--images", help="the model takes a list of this many images (C,H,W from --input-shape); torchvision detectors are recognised and default to 1. The ONNX takes exactly that many.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or bfloat16: convert and verify a half-precision copy (fold only; default: the model's own dtype).")] = None,
     device: DeviceOpt = "auto",
@@ -113,7 +115,7 @@ def convert(
         calib_samples=calib_samples, calib_batch=calib_batch, recover_steps=recover_steps, recover_batch=recover_batch,
         seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out), dtype=dtype,
         images=images, output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol, device=device, amp=amp, workers=workers, size=size,
-        crop=crop, mean=mean, std=std,
+        crop=crop, mean=mean, std=std, fold_norms=fold_norms, max_drop=max_drop,
     )
     if json_out:
         print_json(result.to_dict())

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import first_line
+from .norm_sites import is_affine_norm
 from .norms.registry import site_kind
 
 __all__ = ["TracedPart", "Capture", "NormTracer", "capture", "propagate_shapes", "is_norm_module", "trace", "first_line",
@@ -32,6 +33,8 @@ def is_norm_module(m: nn.Module) -> bool:
     the module — tracing *into* ``BatchNormAct2d`` would hide it as ``F.batch_norm`` + act, and
     ``FrozenBatchNorm2d`` would dissolve into rsqrt/mul/add."""
     if site_kind(m) is not None:  # every BatchNorm kind normswap knows, frozen and sync included
+        return True
+    if is_affine_norm(m):  # GroupNorm, LayerNorm(2d), InstanceNorm, timm's GroupNormAct…: fold sites too
         return True
     mod = type(m).__module__
     return mod.startswith(("normswap.norms.", "normswap.layers"))

@@ -297,7 +297,7 @@ def inspect(
     inputs = _as_inputs(example_inputs)
     # capture only reads: tracing shares the modules, the shape pass runs in eval mode under
     # no_grad and restores every module's flag — no copy needed for the descriptions
-    sites = {s.name: s.describe() for s in find_sites(capture(model, inputs))}
+    sites = {s.name: s.describe() for s in find_sites(capture(model, inputs), every_norm=True)}
     result = _run_pass(model, to, inputs, {k: v for k, v in options.items() if v is not None}, ())
     rows = []
     for a in result.actions:

@@ -26,19 +26,18 @@ import torch
 from torch import Tensor, fx, nn
 
 from .capture import Capture, capture, is_norm_module, propagate_shapes
-from .layers import ChannelAffine, PostNorm
+from .layers import ChannelAffine, FittedAffine, PostNorm
 from .passes import PassResult, SiteAction, assemble, set_module, unique_target
 from .reparam import merge_parallel_convs
 from .sites import (
     CONVT,
     WEIGHTED,
-    BNParams,
     FoldPlan,
     NormSite,
     bn_post_ops,
     can_fold,
     find_sites,
-    is_bn_site_module,
+    is_fold_site,
     module_call_count,
     needs_shapes,
     value_users,
@@ -228,11 +227,11 @@ def _post(bn: nn.Module) -> PostNorm | None:
     return None if drop is None and act is None else PostNorm(drop, act)
 
 
-def _param_dtype(p: BNParams) -> torch.dtype:
-    return p.weight.dtype if p.weight is not None else p.running_mean.dtype
-
-
-def _affine(bn: nn.Module, s: Tensor, t: Tensor, dtype: torch.dtype) -> ChannelAffine:
+def _affine(bn: nn.Module, s: Tensor, t: Tensor, dtype: torch.dtype) -> nn.Module:
+    """The scale-and-shift left where nothing can absorb the site (a last-axis one stays last-axis)."""
+    if isinstance(bn, FittedAffine):
+        out = FittedAffine(s.to(dtype), t.to(dtype), bn.axis, bn.source, *bn_post_ops(bn))
+        return out.requires_grad_(False)
     return ChannelAffine(s.to(dtype), t.to(dtype), *bn_post_ops(bn))
 
 
@@ -430,15 +429,15 @@ def _apply(work: nn.Module, site: NormSite, plan: FoldPlan, nmap: dict[str, str 
     action.exact = plan.action != "refuse"
     if plan.action == "refuse":
         return action
-    p = plan.params
-    assert p is not None
-    s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
+    aff = plan.affine  # (scale, shift): the arithmetic below never asks which norm they came from
+    assert aff is not None
+    s, t = aff.scale, aff.shift
     if site.node is None:  # outside every traced part: swap the module itself
-        set_module(work, site.name, _affine(site.module, s, t, _param_dtype(p)))
+        set_module(work, site.name, _affine(site.module, s, t, aff.dtype))
         return action
     gm, n = site.part.graph, site.node
     if plan.action == "affine":
-        set_module(gm, str(n.target), _affine(site.module, s, t, _param_dtype(p)))
+        set_module(gm, str(n.target), _affine(site.module, s, t, aff.dtype))
     elif plan.action == "into-consumer":
         _into_consumer(gm, site, plan, s, t, nmap)
     elif plan.action == "into-producers":
@@ -473,7 +472,7 @@ def fold(
     cap = capture(work)
     if example_inputs is not None and _needs_shapes(cap):
         propagate_shapes(cap, example_inputs)
-    sites = find_sites(cap)
+    sites = find_sites(cap, every_norm=True)
     skip = set(skip)
     result = PassResult(model=work, pass_name="fold", actions=list(baked))
     maps: dict[str, dict[str, str | None]] = {p.qualname: {} for p in cap.parts}
@@ -498,7 +497,8 @@ def fold(
     # safety net: a BN the site search did not reach is reported, never silently left behind
     seen = {a.site for a in result.actions}
     for name, m in result.model.named_modules():
-        if is_bn_site_module(m) and name not in seen:
+        inside = any(name.startswith(f"{s}.") for s in seen)  # e.g. the GroupNorm of a NormAct site
+        if is_fold_site(m) and not isinstance(m, (ChannelAffine, FittedAffine)) and name not in seen and not inside:
             result.actions.append(SiteAction(name, type(m).__name__, "refuse", reason="not reached by the site search (please report)"))
     result.graphs = {p.qualname: p.graph for p in cap.parts}
     result.node_maps = maps

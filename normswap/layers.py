@@ -61,7 +61,7 @@ def is_identity(m: nn.Module | None) -> bool:
     return m is None or type(m) is nn.Identity
 
 
-__all__ = ["ChannelAffine", "PostNorm", "NormAct", "is_identity"]
+__all__ = ["ChannelAffine", "PostNorm", "NormAct", "FittedAffine", "is_identity"]
 
 
 class NormAct(nn.Module):
@@ -81,3 +81,38 @@ class NormAct(nn.Module):
         if self.act is not None:
             x = self.act(x)
         return x
+
+
+class FittedAffine(nn.Module):
+    """``y = post(s_c · x_c + t_c)`` along ``axis`` (1 for ``[N, C, *S]``, -1 for ``[N, *, C]``): a
+    per-sample norm (GroupNorm, LayerNorm, …; named in ``source``) replaced by the per-channel affine
+    fitted to its output (:mod:`normswap.norm_fit`). ``s``, ``t`` are parameters, so recovery can train
+    them; the fold pass folds them like an eval BatchNorm's (:func:`normswap.sites.site_affine`)."""
+
+    def __init__(self, scale: Tensor, shift: Tensor, axis: int = 1, source: str = "",
+                 drop: nn.Module | None = None, act: nn.Module | None = None) -> None:
+        super().__init__()
+        if axis not in (1, -1):
+            raise ValueError(f"axis must be 1 or -1, got {axis}")
+        self.scale = nn.Parameter(scale.detach().clone())
+        self.shift = nn.Parameter(shift.detach().clone())
+        self.axis = axis
+        self.source = source
+        self.drop = drop
+        self.act = act
+
+    @property
+    def num_features(self) -> int:
+        return self.scale.numel()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (-1,) if self.axis == -1 or x.dim() == 2 else (1, -1) + (1,) * (x.dim() - 2)
+        x = x * self.scale.reshape(shape) + self.shift.reshape(shape)
+        if self.drop is not None:
+            x = self.drop(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}, axis={self.axis}, fitted to {self.source or 'a norm'}"

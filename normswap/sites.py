@@ -26,7 +26,8 @@ from .graph_ops import (
     sum_leaves,
     value_users,
 )
-from .layers import is_identity
+from .layers import FittedAffine, is_identity
+from .norm_sites import is_affine_norm, norm_family, norm_post_ops, num_channels
 from .norms.registry import site_kind
 
 __all__ = [
@@ -38,6 +39,10 @@ __all__ = [
     "bn_kind_reason",
     "bn_post_ops",
     "can_fold",
+    "site_affine",
+    "SiteAffine",
+    "is_fold_site",
+    "NEEDS_CALIBRATION",
     "FOLD_ACTIONS",
     "MergePlan",
     "folds_like_conv",
@@ -116,6 +121,9 @@ def bn_kind_reason(m: nn.Module) -> str | None:
 def bn_post_ops(m: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """``(drop, act)`` a norm+act layer applies after normalizing (timm's ``BatchNormAct2d``…);
     ``None`` for each one that is absent or an ``nn.Identity`` (nothing to keep)."""
+    if isinstance(m, FittedAffine) or is_affine_norm(m):
+        drop, act = (m.drop, m.act) if isinstance(m, FittedAffine) else norm_post_ops(m)
+        return (None if is_identity(drop) else drop), (None if is_identity(act) else act)
     if _is_timm(m, _NORM_ACT):
         drop, act = getattr(m, "drop", None), getattr(m, "act", None)
         return (None if is_identity(drop) else drop), (None if is_identity(act) else act)
@@ -151,6 +159,60 @@ def bn_params(m: nn.Module) -> BNParams | str:
     return BNParams(rm, rv, w, b, eps)
 
 
+NEEDS_CALIBRATION = ("needs calibration data: it normalizes with per-sample statistics, so its eval-time affine is "
+                     "fitted, not read off (--to fold --calib DATA)")
+
+
+@dataclass
+class SiteAffine:
+    """One model of a site: its eval-time ``y = scale·x + shift`` (float64, per channel), the dtype
+    to fold it in and, for a BatchNorm, the checked parameters it was computed from."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    dtype: torch.dtype
+    params: BNParams | None = None
+
+
+def _fitted_affine(m: nn.Module) -> SiteAffine | str:
+    s, t = m.scale.detach().to(torch.float64), m.shift.detach().to(torch.float64)
+    if not (torch.isfinite(s).all() and torch.isfinite(t).all()):
+        return "the fitted affine contains NaN or Inf"
+    return SiteAffine(s, t, m.scale.dtype)
+
+
+def _unfitted(m: nn.Module) -> str:
+    return NEEDS_CALIBRATION
+
+
+def _bn_affine(m: nn.Module) -> SiteAffine | str:
+    """Closed form: ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` (:func:`normswap.fold.bn_scale_shift`)."""
+    from .fold import bn_scale_shift
+
+    why = bn_kind_reason(m)
+    if why is not None:
+        return why
+    p = bn_params(m)
+    if isinstance(p, str):
+        return p
+    s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
+    return SiteAffine(s, t, p.weight.dtype if p.weight is not None else p.running_mean.dtype, p)
+
+
+#: how each kind of site gets its (scale, shift), first match wins: a fitted affine reads its own, a
+#: per-sample norm needs one fitted first, everything else is read as an eval BatchNorm
+_AFFINES = (
+    (lambda m: isinstance(m, FittedAffine), _fitted_affine),
+    (is_affine_norm, _unfitted),
+    (lambda m: True, _bn_affine),
+)
+
+
+def site_affine(site: NormSite) -> SiteAffine | str:
+    """The site's eval-time affine ``(scale, shift)``, or the reason it has none."""
+    return next(fn for match, fn in _AFFINES if match(site.module))(site.module)
+
+
 @dataclass
 class NormSite:
     """One BatchNorm call site."""
@@ -166,7 +228,22 @@ class NormSite:
 
     @property
     def kind(self) -> str:
-        return type(self.module).__name__
+        m = self.module
+        return f"FittedAffine({m.source})" if isinstance(m, FittedAffine) and m.source else type(m).__name__
+
+    @property
+    def axis(self) -> int:
+        """The axis of the site's per-channel affine: 1, or -1 (a LayerNorm on ``[N, *, C]``)."""
+        m = self.module
+        if isinstance(m, FittedAffine):
+            return m.axis
+        fam = norm_family(m)
+        return 1 if fam is None else fam.axis
+
+    @property
+    def last_axis(self) -> bool:
+        """The affine acts on the last axis of a tensor of rank > 2 (tokens), not on dim 1."""
+        return self.axis == -1 and self.spatial_dims != 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -181,6 +258,8 @@ class NormSite:
 
 
 def _num_features(m: nn.Module) -> int | None:
+    if is_affine_norm(m):
+        return num_channels(m)
     rm = getattr(m, "running_mean", None)
     if getattr(m, "num_features", None) is not None:
         return int(m.num_features)
@@ -217,14 +296,22 @@ def module_call_count(gm: fx.GraphModule, target: str) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
 
 
-def find_sites(cap: Capture) -> list[NormSite]:
-    """Every BatchNorm-like call in the captured parts, in graph order, then those left untraced."""
+def is_fold_site(m: nn.Module) -> bool:
+    """A module the fold pass has a site for: a BatchNorm, a fitted affine, or any other norm (which
+    folds only once its affine is fitted: :func:`site_affine`)."""
+    return is_bn_site_module(m) or isinstance(m, FittedAffine) or is_affine_norm(m)
+
+
+def find_sites(cap: Capture, *, every_norm: bool = False) -> list[NormSite]:
+    """Every BatchNorm-like call in the captured parts, in graph order, then those left untraced;
+    with ``every_norm`` also every other norm (:mod:`normswap.norm_sites`) and fitted affine."""
     sites: list[NormSite] = []
+    wanted = is_fold_site if every_norm else is_bn_site_module
     for part in cap.parts:
         gm = part.graph
         for n in gm.graph.nodes:
             m = node_module(gm, n)
-            if m is None or not is_bn_site_module(m):
+            if m is None or not wanted(m):
                 continue
             name = f"{part.qualname}.{n.target}" if part.qualname else str(n.target)
             src = n.args[0] if n.args else None
@@ -241,7 +328,7 @@ def find_sites(cap: Capture) -> list[NormSite]:
             )
     for qual, why in cap.untraced:
         m = cap.root.get_submodule(qual)
-        if is_bn_site_module(m):
+        if wanted(m):
             sites.append(
                 NormSite(qual, m, None, None, None, "unknown (untraced code)", [], untraced_reason=why)
             )
@@ -269,6 +356,7 @@ class FoldPlan:
     reason: str | None = None  # why the better actions are not possible (or why refused)
     target: str | None = None  # the layer it folds into
     params: BNParams | None = field(default=None, repr=False, compare=False)  # checked, when not refused
+    affine: SiteAffine | None = field(default=None, repr=False, compare=False)  # (scale, shift), when not refused
     # into-producer(-copy): the shape-only view nodes between the producer and the BN (LeViT's
     # flatten); into-consumer: the eval-identity nodes (Dropout) between the BN and the consumer
     path: tuple[fx.Node, ...] = field(default=(), repr=False, compare=False)
@@ -329,6 +417,8 @@ def _producer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, nn
     if isinstance(m, WEIGHTED) and not folds_like_conv(m):
         return f"{src.target} ({type(m).__name__}) overrides forward", m, ()
     if isinstance(m, CONV + CONVT):
+        if site.last_axis:
+            return f"its affine acts on the last axis, not on {src.target}'s channels", m, ()
         if path:
             return f"{describe_node(gm, path[-1])} reshapes {src.target}'s output on its way to the BatchNorm", m, ()
         if m.out_channels != c:
@@ -337,9 +427,9 @@ def _producer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, nn
     if isinstance(m, nn.Linear):
         if m.out_features != c:
             return f"{src.target} has {m.out_features} outputs, BatchNorm has {c}", m, ()
-        if site.spatial_dims is None:
+        if site.spatial_dims is None and site.axis != -1:
             return "Linear→BatchNorm fold needs the input rank: give example inputs", m, ()
-        if site.spatial_dims != 0:
+        if site.spatial_dims != 0 and site.axis != -1:  # a last-axis affine folds into any Linear
             return "Linear output is not [N, C]: BatchNorm1d normalizes dim 1, not the Linear's features", m, ()
         for v in path:  # BN1d on [M, C] normalizes the last axis: every reshape must keep it whole
             shape = node_shape(v)
@@ -357,6 +447,8 @@ def _cat_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, tuple[f
     src = n.args[0] if len(n.args) == 1 and not n.kwargs else None
     if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target in CAT_FUNCTIONS):
         return "not a concatenation", ()
+    if site.last_axis:
+        return "its affine acts on the last axis, not on cat()'s channels", ()
     tensors = src.args[0] if src.args else src.kwargs.get("tensors")
     dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
@@ -410,6 +502,8 @@ def _consumer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, fx
         cur = u
     if module_call_count(gm, u.target) != 1:
         return f"{u.target} is called more than once", None, ()
+    if isinstance(m, CONV) and site.last_axis:
+        return f"its affine acts on the last axis, not on {u.target}'s input channels", None, ()
     if isinstance(m, CONV) and type(m).forward in PLAIN_FORWARDS:
         # Zero padding pads the *normalized* tensor with 0, which is not s·0 + t: only padding
         # that copies real values (reflect/replicate/circular) commutes with a per-channel affine.
@@ -420,7 +514,7 @@ def _consumer_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, fx
     if isinstance(m, CONV) and folds_like_conv(m):
         return f"{u.target} ({type(m).__name__}) zero-pads its input, so folding forward would not be exact", None, ()
     if isinstance(m, nn.Linear) and type(m).forward in PLAIN_FORWARDS:
-        if site.spatial_dims != 0:
+        if site.spatial_dims != 0 and site.axis != -1:  # W(s⊙x + t) + c over the last axis: any rank
             return "the next Linear does not see [N, C] features", None, ()
         return None, u, tuple(path)
     return f"it feeds {describe_node(gm, u)}, not a Conv/Linear", None, ()
@@ -504,6 +598,8 @@ def _merge_reason(gm: fx.GraphModule, site: NormSite) -> tuple[str | None, Merge
         cur = u
     if not tops:
         return "its output is not added to other branches", None
+    if site.last_axis:
+        return "its affine acts on the last axis", None
     if bn_post_ops(site.module) != (None, None):
         return "its activation sits on the identity branch", None
     smallest_why = None
@@ -526,14 +622,12 @@ def can_fold(site: NormSite) -> FoldPlan:
     consumer (through eval-identity Dropout) → merged with parallel convolution branches (RepVGG)
     → per-channel affine (always exact) → refuse (no exact eval function exists).
     """
-    why_kind = bn_kind_reason(site.module)
-    if why_kind is not None:
-        return FoldPlan("refuse", why_kind)
-    params = bn_params(site.module)
-    if isinstance(params, str):
-        return FoldPlan("refuse", params)
+    aff = site_affine(site)  # BatchNorm: closed form; a fitted affine: its own; another norm: refused
+    if isinstance(aff, str):
+        return FoldPlan("refuse", aff)
+    params = aff.params
     if site.node is None or site.part is None:
-        return FoldPlan("affine", f"not in a traced graph: {site.untraced_reason}", params=params)
+        return FoldPlan("affine", f"not in a traced graph: {site.untraced_reason}", params=params, affine=aff)
     gm = site.part.graph
     why_prod, prod, path = _producer_reason(gm, site)
     notes = [f"through {', '.join(describe_node(gm, v) for v in path)}"] if path else []
@@ -550,22 +644,22 @@ def can_fold(site: NormSite) -> FoldPlan:
             shared.append("the layer is called more than once")
         if shared:
             return FoldPlan("into-producer-copy", f"{src.target}: " + "; ".join(shared), str(src.target), params,
-                            path=path, notes=notes)
-        return FoldPlan("into-producer", None, str(src.target), params, path=path, notes=notes)
+                            path=path, notes=notes, affine=aff)
+        return FoldPlan("into-producer", None, str(src.target), params, path=path, notes=notes, affine=aff)
     why_cat, sources = _cat_reason(gm, site)
     if why_cat is None:
-        return FoldPlan("into-producers", None, ", ".join(str(v.target) for v in sources), params, sources=sources)
+        return FoldPlan("into-producers", None, ", ".join(str(v.target) for v in sources), params, sources=sources, affine=aff)
     if why_cat != "not a concatenation":
         why_prod = why_cat
     why_cons, cons, path = _consumer_reason(gm, site)
     if why_cons is None:
         assert cons is not None
         notes = [f"through {', '.join(describe_node(gm, v) for v in path)} (identity in eval)"] if path else []
-        return FoldPlan("into-consumer", why_prod, str(cons.target), params, path=path, notes=notes)
+        return FoldPlan("into-consumer", why_prod, str(cons.target), params, path=path, notes=notes, affine=aff)
     why_merge, merge = _merge_reason(gm, site)
     if why_merge is None:
         assert merge is not None
         names = ", ".join(str(v.target) for v in merge.others)
         notes = [f"identity BatchNorm{' and ' + names if names else ''} merged into {merge.main.target}"]
-        return FoldPlan("merged", None, str(merge.main.target), params, merge=merge, notes=notes)
-    return FoldPlan("affine", f"{why_prod}; forward: {why_cons}; merge: {why_merge}", params=params)
+        return FoldPlan("merged", None, str(merge.main.target), params, merge=merge, notes=notes, affine=aff)
+    return FoldPlan("affine", f"{why_prod}; forward: {why_cons}; merge: {why_merge}", params=params, affine=aff)

@@ -28,6 +28,7 @@ class ConversionResult:
     parity: Any = None
     export: Any = None
     kept: Any = None
+    fitted: Any = None  # --to fold --calib: the per-sample norms' fits and choice (FoldNormsReport)
     drift: dict[str, Any] | None = None
     batch_independence: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -53,6 +54,8 @@ class ConversionResult:
         extra: dict[str, Any] = {"verdict": self.verdict.to_dict(), "outputs": dict(self.outputs)}
         if self.kept is not None:
             extra["keep_function"] = self.kept.to_dict()
+        if self.fitted is not None:
+            extra["fold_norms"] = self.fitted.to_dict()
         if self.drift is not None:
             extra["drift_vs_original"] = self.drift
         if self.batch_independence is not None:
@@ -93,6 +96,8 @@ class ConversionResult:
             from .runtime import Runtime
 
             parts.append(Text(Runtime.line(self.runtime)))
+        if self.fitted is not None:
+            parts.append(self.fitted)
         if self.parity is not None and self.parity.stats:
             parts.append(self.parity)
         if self.export is not None:
@@ -164,6 +169,8 @@ def run_conversion(
     crop: float | None = None,
     mean: Any = None,
     std: Any = None,
+    fold_norms: Any = None,
+    max_drop: float | None = None,
 ) -> ConversionResult:
     """Run every stage of one conversion (module docstring) and return its :class:`ConversionResult`.
 
@@ -201,19 +208,23 @@ def run_conversion(
                              calib=calib, recover_steps=recover_steps)
     if recover_steps and calib is None:
         raise InputError("--recover-steps needs calibration data: add --calib DATA (e.g. --calib digits)")
-    if calib is not None and to == "fold":
-        raise InputError("--calib applies to swap targets; 'fold' is exact and has nothing to calibrate")
+    if (fold_norms is not None or max_drop is not None) and (to != "fold" or calib is None):
+        raise InputError("--fold-norms / --max-drop choose which per-sample norms --to fold replaces by fitted affines: "
+                         "use them with --to fold --calib DATA")
     from normswap.heldout import check_options
 
     check_options(output_kind, heldout, calib, decode, decode_tol)  # --output-kind, --heldout (with --calib)
     half = _parse_dtype(dtype)
     if half is not None and to != "fold":
         raise InputError(f"--dtype {_dtype_name(half)} applies to --to fold only (swap targets run in float32)")
+    if to == "fold" and calib is not None and save is not None:
+        raise InputError("--save cannot record a fold of fitted norms: a saved conversion is rebuilt by re-running the "
+                         "pass on the architecture, which has no fitted affines; write the ONNX with --onnx instead")
     if half is not None and calib is not None:
-        raise InputError("--dtype applies to --to fold only; --calib is for swap targets")
+        raise InputError("--dtype cannot be combined with --calib: calibration fits run in float32; drop one of them")
     if half == torch.bfloat16 and onnx is not None:
         raise InputError(_BF16_ONNX)
-    plot = drift_plot_path(report, save) if calib is not None else None
+    plot = drift_plot_path(report, save) if calib is not None and to != "fold" else None
     validate.output_paths(
         {"--onnx": onnx, "--report": report, "--report's drift plot": plot if report is not None else None, "--save": save},
         {"--weights": weights, "--samples": samples if isinstance(samples, (str, Path)) else None,
@@ -261,6 +272,24 @@ def run_conversion(
     if half is not None and extra is not None:
         extra = _cast_floats(extra, half)
 
+    fitted = None
+    if to == "fold" and calib is not None:  # per-sample norms → fitted affines (then folded exactly below)
+        from normswap.data import calibration_batches
+        from normswap.heldout import heldout_data
+
+        from .fold_norms import DEFAULT_MAX_DROP, fit_and_choose
+
+        data = calibration_batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model)
+        held, hname = heldout_data(heldout, model, loaded, batch=calib_batch)
+        with progress.stage("fit norms", detail="per-channel affines on the calibration data"):
+            t = time.perf_counter()
+            fitted = fit_and_choose(loaded.model, data, heldout=held, heldout_name=hname, output_kind=output_kind,
+                                    fold_norms=fold_norms, max_drop=DEFAULT_MAX_DROP if max_drop is None else max_drop,
+                                    recover_steps=recover_steps, recover_batch=recover_batch, seed=seed, lr=lr,
+                                    progress=progress)
+            seconds["fit norms"] = time.perf_counter() - t
+        original = fitted.model  # what the fold must reproduce exactly (and parity checks it against)
+
     from normswap.convert import check_example_inputs, rewrite
 
     with progress.stage("rewrite", detail=f"--to {to}"):
@@ -269,11 +298,14 @@ def run_conversion(
         # verify=False: the parity stage checks every exact rewrite at batches 1 and 3 (noise floor
         # included) and, unlike an exception here, still lets the report and --keep-failed happen
         source = None if not isinstance(model, (str, type(None))) else {"spec": loaded.spec, "args": loaded.args, "weights": loaded.weights}
-        conv = rewrite(original, to, (x,), groups=groups, atol=atol, rtol=rtol, verify=False, source=source)
+        conv = rewrite(original, to, (x,), groups=groups, atol=atol, rtol=rtol, verify=False, source=source,
+                       skip=fitted.kept if fitted is not None else ())
+        if fitted is not None:
+            fitted.annotate(conv)
         seconds["rewrite"] = time.perf_counter() - t
 
     kept = runtime = None
-    if calib is not None:
+    if calib is not None and to != "fold":
         from normswap.recover import keep_function
 
         from .runtime import runtime_for
@@ -344,13 +376,14 @@ def run_conversion(
                           "rewritten": batch_independence(conv.model, shape).to_dict()}
                 seconds["measure"] = time.perf_counter() - t
 
-        verdict = decide(conv, parity, exported=exported is not None, kept=kept, drift=drift, export_error=export_error)
+        verdict = decide(conv, parity, exported=exported is not None, kept=kept, drift=drift, export_error=export_error,
+                         fitted=fitted)
         model_info = {"spec": loaded.spec or (BUNDLED_NAME if isinstance(model, (str, type(None))) else f"<{type(loaded.model).__name__} instance>"),
                       "args": loaded.args, "weights": loaded.weights, "input_shape": list(shape), "input_shape_from": shape_src,
                       "images": n_images, "notes": loaded.notes, "dtype": _dtype_name(half) if half is not None else _dtype_name(_model_dtype(original)),
                       "tolerances": {"atol": atol, "rtol": rtol}}
         result = ConversionResult(conversion=conv, model_info=model_info, verdict=verdict, parity=parity, export=exported,
-                                  kept=kept, drift=drift, batch_independence=bi, seconds=seconds, runtime=runtime)
+                                  kept=kept, fitted=fitted, drift=drift, batch_independence=bi, seconds=seconds, runtime=runtime)
         if exported is not None and n_images is not None:
             result.notes.append(f"the ONNX takes exactly {n_images} image(s) of {'×'.join(map(str, shape))} "
                                 f"({', '.join(exported.input_names)}), the form torchvision's detector exports use")

@@ -61,9 +61,11 @@ def _agreement_text(kept: Any, drift: Mapping[str, Any] | None) -> str:
 
 
 def decide(conversion: Any, parity: Any, *, exported: bool, kept: Any = None, drift: Mapping[str, Any] | None = None,
-           export_error: str | None = None) -> Verdict:
+           export_error: str | None = None, fitted: Any = None) -> Verdict:
     """The verdict rules of the module docstring. ``export_error``: why the requested ONNX could not be
-    written (the PyTorch rewrite may still be good, and is still saved)."""
+    written (the PyTorch rewrite may still be good, and is still saved). ``fitted``: per-sample norms
+    replaced by fitted affines before an exact fold (``--to fold --calib``): the fold is proven as
+    any, but the whole conversion changed the function, so it ends in CONVERTED / EXPORTED."""
     if parity is not None and parity.verdict == "failed":
         what = "the rewritten model" if conversion.exact else "the ONNX export of the rewritten model"
         return Verdict("FAILED", f"{what} does not compute what it must: {parity.summary()}")
@@ -82,6 +84,10 @@ def decide(conversion: Any, parity: Any, *, exported: bool, kept: Any = None, dr
                                      f"but none of its {len(ort)} onnxruntime comparisons could compare anything on these "
                                      "inputs (empty, constant or not comparable outputs) — check it with --samples of real inputs")
         where = " and its ONNX" if exported else ""
+        if fitted is not None and fitted.changes_function:
+            proof = (f"the fold is exact ({n} comparisons against the model with {len(fitted.folded)} fitted affine(s)"
+                     f"{', and its ONNX' if exported else ''}); function changed: {_agreement_text(fitted, None)}")
+            return Verdict("EXPORTED" if exported else "CONVERTED", proof)
         return Verdict("PASSED", f"the rewritten model{where} {'compute' if exported else 'computes'} what the original did ({n} comparisons)")
     change = f"function changed: {_agreement_text(kept, drift)}"
     return Verdict("EXPORTED", f"ONNX matches the rewritten model; {change}") if exported else Verdict("CONVERTED", change)

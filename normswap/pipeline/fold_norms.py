@@ -1,0 +1,278 @@
+"""``--to fold --calib``: which per-sample norms become fixed affines, fitted, measured, recovered.
+
+The stage before the fold pass (which then folds every fitted affine exactly, like an eval BatchNorm):
+
+1. **fit** every per-sample norm site (:func:`normswap.norm_fit.fit_norm_affines`) on the calibration part;
+2. **cost**: per site, the held-out quality drop (the output kind's primary measure against the original)
+   of the original with *only that site* replaced by its open-loop affine;
+3. **front**: sites replaced cumulatively, cheapest first, each prefix fitted closed loop (step 5) with
+   only its sites replaced: the held-out quality after each — the compute/quality front to choose from;
+4. **choose** (``--fold-norms``): ``all``; a comma-separated list of site names; or ``auto``: the longest
+   cheapest-first prefix whose measured drop stays within ``--max-drop`` (default
+   :data:`DEFAULT_MAX_DROP`); every other site is kept and says why;
+5. **calibrate**: the chosen sites fitted closed loop (each on the student's own inputs, earlier chosen
+   sites already affine) — the model the fold receives (for a cheapest-first prefix, the front's own fit);
+6. **recover** (``--recover-steps``): label-free distillation of that model onto the original, before the fold.
+
+Held-out quality is measured after the open-loop replacement ("naive"), the calibration and the recovery.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from normswap.errors import InputError
+
+__all__ = ["DEFAULT_MAX_DROP", "FOLD_NORMS_MODES", "SiteChoice", "FrontPoint", "FoldNormsReport", "parse_fold_norms",
+           "fit_and_choose"]
+
+#: ``auto`` folds sites while the held-out quality drop (top-1 agreement for a classifier) stays within
+#: half a point: the bar the issue sets for "keeps its function" (within 0.5% of the original), and on
+#: a few hundred held-out samples about the smallest drop one can resolve (1 sample in 200).
+DEFAULT_MAX_DROP = 0.005
+FOLD_NORMS_MODES = ("auto", "all")
+
+
+def parse_fold_norms(value: str | Sequence[str] | None) -> str | list[str]:
+    """``auto`` (default), ``all``, or the list of site names a comma-separated value names."""
+    if value is None:
+        return "auto"
+    if isinstance(value, str):
+        v = value.strip()
+        if v in FOLD_NORMS_MODES:
+            return v
+        names = [p.strip() for p in v.split(",") if p.strip()]
+    else:
+        names = [str(p) for p in value]
+    if not names:
+        raise InputError("--fold-norms is empty; pass auto, all, or site names separated by commas")
+    return names
+
+
+def check_max_drop(max_drop: float) -> None:
+    if not (isinstance(max_drop, (int, float)) and 0.0 <= max_drop <= 1.0):
+        raise InputError(f"--max-drop must be in [0, 1] (a drop of the kind's quality, e.g. 0.005), got {max_drop!r}")
+
+
+@dataclass
+class SiteChoice:
+    """What happens at one per-sample norm site, and the numbers behind it."""
+
+    fit: Any  # SiteFit
+    folded: bool
+    reason: str | None = None  # why it is kept
+    cost: float | None = None  # held-out quality drop with only this site replaced (open loop)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.fit.to_dict(), "folded": self.folded, "reason": self.reason, "cost": self.cost}
+
+
+@dataclass
+class FrontPoint:
+    """The first ``len(folded)`` sites (cheapest first) replaced: the held-out quality."""
+
+    folded: list[str]
+    quality: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folded": list(self.folded), "quality": self.quality}
+
+
+@dataclass
+class FoldNormsReport:
+    """The per-sample norms' fits, the choice, the front and the quality after each stage; ``model`` is
+    the affine-replaced model the fold pass receives. Truthy when at least one site is folded."""
+
+    model: Any
+    fits: Any
+    choices: list[SiteChoice]
+    front: list[FrontPoint]
+    stages: list[Any] = field(default_factory=list)  # StageMetrics: naive, calibrated, recovered
+    evaluated_on: str = ""
+    heldout_samples: int | None = None
+    output_kind: str = ""
+    measure: str = ""
+    mode: Any = "auto"
+    max_drop: float = DEFAULT_MAX_DROP
+    base: float | None = None  # the original's quality against itself (1 for agreement)
+    recovery: Any = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.changes_function
+
+    @property
+    def changes_function(self) -> bool:
+        return any(c.folded for c in self.choices)
+
+    @property
+    def folded(self) -> list[str]:
+        return [c.fit.name for c in self.choices if c.folded]
+
+    @property
+    def kept(self) -> list[str]:
+        return [c.fit.name for c in self.choices if not c.folded]
+
+    def annotate(self, conversion: Any) -> None:
+        """Give each kept site's action its reason; refuse (RewriteError) a fold that folded nothing."""
+        from normswap.errors import RewriteError
+
+        why = {c.fit.name: c.reason for c in self.choices if not c.folded}
+        for a in conversion.actions:
+            if a.site in why:
+                a.reason = f"kept as {a.type}: {why[a.site]}"
+        if not any(a.rewritten for a in conversion.actions):
+            first = next(c for c in self.choices if not c.folded)
+            raise RewriteError(f"--to fold --calib kept all {len(self.choices)} per-sample norm site(s) and the model has no "
+                               f"BatchNorm: nothing was folded ({first.fit.name}: {first.reason}); raise --max-drop, name "
+                               "sites with --fold-norms, or add --recover-steps")
+
+    def _n(self) -> str:
+        return f"{self.heldout_samples} samples" if self.heldout_samples is not None else "the held-out data"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode if isinstance(self.mode, str) else list(self.mode), "max_drop": self.max_drop,
+                "measure": self.measure, "output_kind": self.output_kind, "evaluated_on": self.evaluated_on,
+                "heldout_samples": self.heldout_samples, "calibration": self.fits.to_dict(),
+                "sites": [c.to_dict() for c in self.choices], "front": [p.to_dict() for p in self.front],
+                "stages": [s.to_dict() for s in self.stages],
+                "recovery": None if self.recovery is None else self.recovery.to_dict(),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        from normswap.report import Column, FittedTable
+
+        f = lambda v, p=3: "" if v is None or v != v else f"{v:.{p}f}"
+        rows = [[c.fit.name, c.fit.source, f(c.fit.spread_sigma), f(c.fit.spread_mu), f(c.fit.r2), f(c.fit.r2_student),
+                 f(c.cost, 4), Text("folded" if c.folded else "kept", style="cyan" if c.folded else "yellow"),
+                 c.reason or ""] for c in self.choices]
+        cols = [Column("site"), Column("type", drop=2), Column("σ spread", "right", drop=1), Column("μ spread", "right", drop=1),
+                Column("R² alone", "right"), Column("R² in student", "right", drop=3), Column("cost", "right"),
+                Column("action"), Column("why kept", fold=True)]
+        title = (f"per-sample norms as fitted affines (fit on {self.fits.samples} calibration samples; cost = "
+                 f"{self.measure} drop on {self._n()} with only that site replaced)")
+        parts: list[Any] = [FittedTable(cols, rows, title=title)]
+        if self.front:
+            steps = ", ".join(f"{len(p.folded)}: {f(p.quality, 4)}" for p in self.front)
+            parts.append(Text(f"front (sites replaced cheapest first → held-out {self.measure}, {self._n()}): {steps}"))
+        if self.stages:
+            parts.append(Text(" → ".join(f"{s.stage} {f(s.agreement.quality if hasattr(s.agreement, 'quality') else None, 4)}"
+                                         for s in self.stages) + f" ({self.measure} on {self.evaluated_on}, {self._n()})"))
+        return Group(*parts)
+
+
+def _count(data: Any) -> int | None:
+    from normswap.data import as_batches
+
+    try:
+        return sum(int(b[0].shape[0]) for b in as_batches(data))
+    except Exception:  # an unsized one-shot source: the count is not known
+        return None
+
+
+def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_name: str | None = None,
+                   output_kind: Any = None, fold_norms: Any = "auto", max_drop: float = DEFAULT_MAX_DROP,
+                   recover_steps: int = 0, recover_batch: int | None = None, seed: int = 0, lr: float | None = None,
+                   progress: Any = None) -> FoldNormsReport:
+    """Steps 1–6 of the module docstring on ``original`` (never changed); see :class:`FoldNormsReport`."""
+    from normswap.calibrate import agreement
+    from normswap.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
+    from normswap.kinds import detect
+    from normswap.norm_fit import affine_model, fit_norm_affines, norm_site_names
+    from normswap.recover.keep import _split_eval
+    from normswap.recover.report import StageMetrics
+
+    mode = parse_fold_norms(fold_norms)
+    check_max_drop(max_drop)
+    names = norm_site_names(original)
+    if not names:
+        raise InputError("--calib with --to fold fits the affines of per-sample norms (GroupNorm, LayerNorm, …); this "
+                         "model has none — its BatchNorms fold exactly without data: drop --calib")
+    if isinstance(mode, list):
+        unknown = [n for n in mode if n not in names]
+        if unknown:
+            raise InputError(f"--fold-norms {unknown[0]} is not a per-sample norm site; choose from: {', '.join(names[:12])}")
+    seconds: dict[str, float] = {}
+    if heldout is None:
+        split = split_heldout(calib, HELDOUT_FRACTION, HELDOUT_SEED)
+        calib, heldout, heldout_name = split.calib, split.heldout, heldout_name or split.describe()
+    eval_data, _, _ = _split_eval(heldout)
+    outputs = detect(original, eval_data, output_kind, max_batches=1)
+
+    def quality(model: Any) -> float | None:
+        return agreement(original, model, eval_data, output_kind=outputs).quality
+
+    t = time.perf_counter()
+    fits = fit_norm_affines(original, calib)
+    seconds["fit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    base = quality(original)
+    cost = {n: None if base is None or (q := quality(affine_model(original, fits, [n], loop="open"))) is None else base - q
+            for n in names}
+    order = sorted(names, key=lambda n: (cost[n] is None, cost[n] if cost[n] is not None else 0.0))
+    # the front: the first k sites (cheapest first) fitted closed loop with only them replaced — the
+    # model that would be folded — one fit pass and one held-out evaluation per k
+    prefix_fits: list[Any] = []
+    front = []
+    for k in range(1, len(order) + 1):
+        fk = fits if k == len(order) else fit_norm_affines(original, calib, names=order[:k])
+        prefix_fits.append(fk)
+        front.append(FrontPoint(order[:k], quality(affine_model(original, fk, order[:k], loop="closed"))))
+    seconds["measure"] = time.perf_counter() - t
+    reasons: dict[str, str] = {}
+    measure = getattr(outputs.kind, "labels", {}).get(outputs.primary, outputs.primary)
+    if mode == "all":
+        chosen = list(names)
+    elif isinstance(mode, list):
+        chosen = [n for n in names if n in set(mode)]
+        reasons = {n: "not named in --fold-norms" for n in names if n not in set(mode)}
+    else:
+        within = [i + 1 for i, p in enumerate(front) if p.quality is not None and base is not None
+                  and base - p.quality <= max_drop]
+        k = max(within, default=0)  # the longest cheapest-first prefix within --max-drop
+        chosen = [n for n in names if n in set(order[:k])]
+        for i, n in enumerate(order[k:], start=k):
+            q = front[i].quality
+            drop = "unmeasured" if q is None or base is None else f"{base - q:.4f}"
+            reasons[n] = (f"auto: folding it with the {i} cheaper site(s) would cost {drop} in held-out {measure} "
+                          f"> --max-drop {max_drop:g}" + (f" (alone: {cost[n]:.4f})" if cost[n] is not None else ""))
+    choices = [SiteChoice(fits[n], n in chosen, reasons.get(n), cost[n]) for n in names]
+    rep = FoldNormsReport(model=None, fits=fits, choices=choices, front=front, evaluated_on=heldout_name or "held-out data",
+                          heldout_samples=_count(eval_data), output_kind=outputs.describe(), measure=measure, mode=mode,
+                          max_drop=max_drop, base=base, seconds=seconds)
+    if not chosen:
+        rep.model = original
+        return rep
+    t = time.perf_counter()
+    if set(chosen) == set(order[:len(chosen)]):  # a cheapest-first prefix: its fit is already made
+        fits_for = prefix_fits[len(chosen) - 1]
+    else:  # closed loop again, with only the chosen sites replaced upstream
+        fits_for = fit_norm_affines(original, calib, names=chosen)
+    for c in choices:
+        if c.folded:
+            c.fit = fits_for[c.fit.name]
+    seconds["fit"] += time.perf_counter() - t
+
+    def stage(name: str, model: Any) -> None:
+        rep.stages.append(StageMetrics(stage=name, agreement=agreement(original, model, eval_data, output_kind=outputs)))
+
+    stage("naive", affine_model(original, fits_for, chosen, loop="open"))
+    rep.model = affine_model(original, fits_for, chosen, loop="closed")
+    stage("calibrated", rep.model)
+    if recover_steps:
+        from normswap.defaults import DEFAULT_LR
+        from normswap.recover import recover
+
+        t = time.perf_counter()
+        rep.recovery = recover(original, rep.model, calib, steps=recover_steps, lr=DEFAULT_LR if lr is None else lr,
+                               seed=seed, progress=progress if progress is not None else False, batch_size=recover_batch,
+                               output_kind=outputs, heldout=eval_data)
+        seconds["recover"] = time.perf_counter() - t
+        rep.model.eval()
+        stage("recovered", rep.model)
+    return rep
