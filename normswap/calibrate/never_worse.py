@@ -52,51 +52,10 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
 
 
-def _logits(k: Any, s: Tensor, t: Tensor) -> Tensor:
-    """KL(p_t ‖ p_s) of each sample (the kind's log-probabilities over dim 1; the batch loss is their mean)."""
-    ls, lt = k.log_probs(s, 1.0), k.log_probs(t, 1.0)
-    return _rows(lt.exp() * (lt - ls))
-
-
-def _multilabel(k: Any, s: Tensor, t: Tensor) -> Tensor:
-    """Σ over labels of the binary KL(q_t ‖ q_s) of each sample."""
-    zs, zt = k.logit(s), k.logit(t)
-    qt = zt.sigmoid()
-    return _rows(qt * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - qt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs)))
-
-
-def _regression(k: Any, s: Tensor, t: Tensor) -> Tensor:
-    """mean((s − t)² / var_batch(t)) of each sample, with the batch's variance (as the batch loss)."""
-    if t.shape[0] > 1:
-        var = t.var(0, unbiased=False)
-        var = var.clamp_min(float(var.mean()) * 1e-3 + 1e-12)
-    else:
-        var = (t * t).mean().clamp_min(1e-12)
-    return ((s - t) ** 2 / var).reshape(s.shape[0], -1).mean(1)
-
-
-def _dense(k: Any, s: Tensor, t: Tensor) -> Tensor:
-    """Pixel-mean KL(p_t ‖ p_s) of each sample (softmax over dim 1)."""
-    ls, lt = F.log_softmax(s, 1), F.log_softmax(t, 1)
-    return _rows(lt.exp() * (lt - ls)) / max(s[0].numel() // s.shape[1], 1)
-
-
-#: per-sample forms of the kinds' losses at temperature 1 (their mean over a batch is the batch loss;
-#: tests/test_calibrate_cost.py checks each against the kind): one vectorized call per batch
-PER_SAMPLE = {"logits": _logits, "probabilities": _logits, "multilabel": _multilabel, "regression": _regression,
-              "dense": _dense}
-
-
 def per_sample_loss(outputs: Any, out: Any, ref: Any) -> Tensor:
-    """The kind's loss (temperature 1) of each sample: the sum over the outputs of each one's kind's
-    per-sample form (:data:`PER_SAMPLE`), or ``loss(out[i:i+1], ref[i:i+1])`` sample by sample for a
-    kind without one."""
-    pairs = [(k, o, r) for _, k, o, r in outputs._pairs(out, ref) if o.is_floating_point() and o.shape == r.shape]
-    if pairs and all(k.name in PER_SAMPLE for k, _, _ in pairs):
-        return sum(PER_SAMPLE[k.name](k, o, r.detach()) for k, o, r in pairs)
-    n = int(next(t for t in pytree.tree_leaves(ref) if isinstance(t, Tensor)).shape[0])
-    cut = lambda i: (lambda t: t[i:i + 1] if isinstance(t, Tensor) and t.dim() else t)  # noqa: E731
-    return torch.stack([outputs.loss(pytree.tree_map(cut(i), out), pytree.tree_map(cut(i), ref), 1.0) for i in range(n)])
+    """The kinds' distillation loss (temperature 1) of each sample, summed over the outputs
+    (:meth:`normswap.kinds.Outputs.sample_losses`: one vectorized call per batch; their mean is the batch loss)."""
+    return outputs.sample_losses(out, ref, 1.0)
 
 
 def _sq_err(a: Tensor, y: Tensor) -> Tensor:
