@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests
 def test_agreement_metric(original):
     x, _ = load_digits("test")
     same = agreement(original, original, x)
-    assert same == {"top1_agreement": 1.0, "rel_err": 0.0}
+    assert same == {"top1_agreement": 1.0, "top1_within": 1.0, "rel_err": 0.0} and same.n == len(x)
 
     class Flipped(nn.Module):
         def __init__(self, inner):
