@@ -160,5 +160,5 @@ def test_compare_on_a_sigmoid_model_measures_label_agreement_held_out():
     calib = calibration_batches(x[:200], batch=50)
     rep = compare_targets(m, ["ln", "gn"], (x[:1],), calib=calib, latency=False, groups=2)
     assert rep.measure == "label agreement @0.5" and rep.evaluated_on.startswith("20% of the calibration data held out")
-    assert all(set(r.measures) == {"label_agreement", "mae"} and r.agreement == r.measures["label_agreement"] for r in rep.rows)
+    assert all(set(r.measures) == {"label_agreement", "mae", "top1_agreement", "top1_within"} and r.agreement == r.measures["label_agreement"] for r in rep.rows)
     assert "best label agreement @0.5" in rep.recommendation()

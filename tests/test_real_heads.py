@@ -150,7 +150,8 @@ def test_recovery_keeps_the_last_weights_unless_an_earlier_evaluation_is_better_
     calibrate(original, conv, data)
     rep = recover(original, conv, data, steps=30, eval_every=10, heldout=x[:60], keep_best=True, progress=False)
     assert rep.heldout_samples == 60 and rep.keep_decision is None or "verdict" in rep.keep_decision
-    assert rep.heldout_change is not None and rep.heldout_change["samples"] == 60
+    if rep.best_step != 0:  # the kept weights against the start, paired over the same 60 samples
+        assert rep.heldout_change is not None and rep.heldout_change["samples"] == 60
     if rep.best_step != rep.end_step:
         assert rep.keep_decision["verdict"] == "lower"
     json.dumps(rep.to_dict())

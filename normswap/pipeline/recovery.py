@@ -199,6 +199,9 @@ def run_recovery(
 
         before_state = {k: v.detach().clone() for k, v in conv.model.state_dict().items()}
         before = measure()
+        from normswap.calibrate import heldout_losses
+
+        losses_before = heldout_losses(original, conv.model, hx, outputs)[1]
         ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else saved_dir / "recover-checkpoints"
         # with held-out data, recovery itself ends on its best evaluated step (unless keep_last)
         rep = recover(original, conv, data, steps=steps, lr=lr, temperature=temperature, feature_weight=feature_weight,
@@ -210,11 +213,13 @@ def run_recovery(
 
         check_finite_model(conv.model, "recovery")
         after = measure()
+        from normswap.heldout import compare_losses
+
+        # worse only when the held-out loss rose beyond its noise (paired over the same samples), not on a
+        # top-1 difference of a sample or two
+        change = compare_losses(heldout_losses(original, conv.model, hx, outputs)[1], losses_before).to_dict()
     where = hname or "held-out data"
-    # worse only when the held-out loss rose beyond its noise (paired over the same samples), not on a
-    # top-1 difference of a sample or two
-    change = rep.heldout_change
-    worse = change is not None and change.get("verdict") == "higher"
+    worse = change["verdict"] == "higher"
     result = RecoveryResult(to=conv.to, recovery=rep, saved=None, before=before, after=after, measured_on=where, checkpoints=str(ckdir),
                             measure=outputs.label, output_kind=outputs.describe(), runtime=run.to_dict(data))
     if plain_gn:

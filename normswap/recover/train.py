@@ -477,7 +477,7 @@ def recover(
                 rep.best_step = step
         elif keep_best:
             rep.best_step = step
-        if start_losses is not None and step > start:
+        if start_losses is not None and step > start and rep.best_step != start:
             change = compare_losses(final_losses, start_losses)
             rep.heldout_change = change.to_dict()
             if not change.lower and not change.higher:
