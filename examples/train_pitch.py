@@ -22,26 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_digits import save_weights, set_determinism  # noqa: E402
+from train_digits import recalibrate_bn, save_weights, set_determinism  # noqa: E402
 
 from normswap.models.pitch import WEIGHTS_PATH, PitchCNN, decode, pitch_accuracy, targets, tones  # noqa: E402
-
-BN_TYPES = (torch.nn.BatchNorm1d,)
-
-
-@torch.no_grad()
-def recalibrate_bn(model: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> None:
-    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for xb in x.split(batch):
-        model(xb)
-    for m in bns:
-        m.momentum = 0.1
-    model.eval()
-
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"epoch {epoch:2d}  loss {loss_sum / steps_per_epoch:.4f}  test raw pitch accuracy {acc:.4f}  "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     x_bn, _ = tones(4096, seed=5000)
-    recalibrate_bn(model, x_bn)
+    recalibrate_bn(model, x_bn, batch_size=512)
     acc = pitch_accuracy(model, x_test, c_test)
     with torch.no_grad():
         err = (decode(model(x_test)) - c_test).abs()
