@@ -57,6 +57,7 @@ class CalibrationData:
         batch: int,
         sample_shape: Sequence[int] | None = None,
         model_shape: Sequence[int] | None = None,
+        validate: bool = True,
     ) -> None:
         self._make_iter = make_iter
         self.description = description
@@ -64,10 +65,11 @@ class CalibrationData:
         self.batch = batch
         self.sample_shape = None if sample_shape is None else list(sample_shape)
         self.model_shape = None if model_shape is None else list(model_shape)  # the model's declared input [1, C, ...]
+        self.validate = validate  # False: the batches come from a CalibrationData that already checks them
         self.loader: Any = None  # an image folder's normswap.images.ImageFolderData (workers, preprocessing, skips)
 
     def __iter__(self) -> Iterator[Batch]:
-        return _checked(self._make_iter(), self)
+        return _checked(self._make_iter(), self) if self.validate else self._make_iter()
 
     def __len__(self) -> int:
         if self.num_samples is None:

@@ -110,10 +110,11 @@ def split_heldout(data: Any, fraction: float = HELDOUT_FRACTION, seed: int = HEL
         if have:
             yield _cat(buf)
 
+    checked = isinstance(data, CalibrationData) and data.validate  # its batches are checked as they are drawn
     cal = CalibrationData(lambda: part(False), description=f"{desc} (calibration part)", num_samples=n_cal, batch=batch,
-                          sample_shape=shape)
+                          sample_shape=shape, validate=not checked)
     held = CalibrationData(lambda: part(True), description=f"{desc} (held-out part)", num_samples=n_held, batch=batch,
-                           sample_shape=shape)
+                           sample_shape=shape, validate=not checked)
     return HeldoutSplit(calib=cal, heldout=held, fraction=fraction, seed=seed, heldout_samples=n_held, calib_samples=n_cal,
                         source=desc)
 

@@ -595,32 +595,27 @@ class Outputs:
         lb = [t for t in pytree.tree_leaves(b) if isinstance(t, Tensor)]
         return [(i, self.kinds[min(i, len(self.kinds) - 1)], x, y) for i, (x, y) in enumerate(zip(la, lb))]
 
-    def loss(self, s_out: Any, t_out: Any, temperature: float) -> Any:
-        """The distillation loss: the sum over the outputs of each one's kind's loss."""
-        from .errors import NormswapError
-
-        pairs = [(k, s, t) for _, k, s, t in self._pairs(s_out, t_out) if s.is_floating_point() and s.shape == t.shape]
-        if not pairs:
-            raise NormswapError("the student returned no floating-point tensor output matching the original's")
-        total = None
-        for k, s, t in pairs:
-            v = k.loss(s, t, temperature)
-            total = v if total is None else total + v
-        return total
-
-    def sample_losses(self, s_out: Any, t_out: Any, temperature: float = 1.0) -> Any:
-        """Each sample's distillation loss ``[N]``, summed over the outputs (their mean is :meth:`loss`)."""
+    def _summed(self, per_kind: str, s_out: Any, t_out: Any, temperature: float, batched: bool) -> Any:
+        """The sum over the matching floating-point outputs of each one's kind's ``per_kind`` loss."""
         from .errors import NormswapError
 
         pairs = [(k, s, t) for _, k, s, t in self._pairs(s_out, t_out)
-                 if s.is_floating_point() and s.shape == t.shape and s.dim() > 0]
+                 if s.is_floating_point() and s.shape == t.shape and (s.dim() > 0 or not batched)]
         if not pairs:
             raise NormswapError("the student returned no floating-point tensor output matching the original's")
         total = None
         for k, s, t in pairs:
-            v = k.sample_losses(s, t, temperature)
+            v = getattr(k, per_kind)(s, t, temperature)
             total = v if total is None else total + v
         return total
+
+    def loss(self, s_out: Any, t_out: Any, temperature: float) -> Any:
+        """The distillation loss: the sum over the outputs of each one's kind's loss."""
+        return self._summed("loss", s_out, t_out, temperature, batched=False)
+
+    def sample_losses(self, s_out: Any, t_out: Any, temperature: float = 1.0) -> Any:
+        """Each sample's distillation loss ``[N]``, summed over the outputs (their mean is :meth:`loss`)."""
+        return self._summed("sample_losses", s_out, t_out, temperature, batched=True)
 
     def meter(self) -> Meter:
         return Meter(self)
