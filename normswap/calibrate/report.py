@@ -189,7 +189,7 @@ class CalibrationReport:
 
 
 def _label(key: str) -> str:
-    from ..kinds import _LABELS
+    from ..kinds.measures import _LABELS
 
     return _LABELS.get(key, key)
 
