@@ -28,7 +28,7 @@ measure: label agreement 1.0, R² 1.0) that calibration closed.
 
 Settings (as examples/recover_digits.py): calibration in batches of 64 on the first ``--samples``
 training inputs; recovery regroups the same samples into steps of ``--recover-batch`` with Adam at
-``--lr`` (cosine). The output kind is the model's own declaration (``normswap_output_kind``).
+``--lr`` (cosine), the library's defaults unless given. The output kind is the model's own declaration (``normswap_output_kind``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from normswap.defaults import DEFAULT_LR, DEFAULT_RECOVER_BATCH
 
 MODELS = ("multilabel", "regression")
 
@@ -142,8 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="recovery ends on its best evaluation on that held-out part (as `normswap recover`)")
     p.add_argument("--batch", type=int, default=64, help="calibration batch size")
     p.add_argument("--steps", type=int, default=200, help="recovery steps (0 = calibration only)")
-    p.add_argument("--recover-batch", type=int, default=256, help="recovery samples per step (0: --batch)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--recover-batch", type=int, default=DEFAULT_RECOVER_BATCH, help="recovery samples per step (0: --batch)")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--groups", type=int, default=None, help="GroupNorm groups for gn / gn-ws (default: the library's)")
     p.add_argument("--threads", type=int, default=1)

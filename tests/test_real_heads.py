@@ -124,6 +124,27 @@ def test_wilson_interval_matches_the_formula_and_measures_carry_it():
     assert got.interval("rel_err") is None  # not a proportion
 
 
+def test_ground_truth_figures_carry_their_interval_when_they_are_proportions():
+    from rich.console import Console
+
+    from normswap.recover.report import FunctionReport, StageMetrics
+
+    def report(kind: str) -> FunctionReport:
+        outs = kinds.outputs_for(torch.rand(8, 360), kind)
+        m = kinds.measures_like({k: 0.9 for k in outs.kind.measures} | {"rel_err": 0.1}, outs, n=200)
+        return FunctionReport(target="gn", evaluated_on="held-out", original_accuracy=0.95, stages=[StageMetrics("naive", m, 0.8)],
+                              truth_label=outs.kind.truth_label, truth_proportion=outs.kind.truth_proportion)
+
+    peaked, reg = report("peaked"), report("regression")
+    lo, hi = kinds.wilson(0.8, 200)
+    assert peaked.to_dict()["stages"][0]["accuracy_interval"] == pytest.approx([lo, hi], abs=1e-6)
+    assert peaked.to_dict()["original_accuracy_interval"] == pytest.approx(list(kinds.wilson(0.95, 200)), abs=1e-6)
+    console = Console(width=220, record=True)
+    console.print(peaked)
+    assert f"0.8000 [{lo:.4f}–{hi:.4f}]" in console.export_text()
+    assert reg.to_dict()["stages"][0]["accuracy_interval"] is None  # R² is not a proportion: no Wilson interval
+
+
 def test_paired_loss_comparison_calls_a_difference_only_beyond_its_noise():
     g = torch.Generator().manual_seed(0)
     base = torch.rand(200, generator=g, dtype=torch.float64)
@@ -221,4 +242,7 @@ def test_the_pitch_model_through_the_pipeline_is_measured_in_cents_never_by_labe
     assert cal.agreement.primary == "decoded_within" and cal.accuracy is not None
     assert res.kept.truth_label == "accuracy within ±50 cents"
     assert res.kept.stage("naive").agreement.quality <= cal.agreement.quality + 1e-9
+    assert "%" not in line  # every proportion in the verdict carries its interval, none a bare percentage
+    stages = res.kept.to_dict()["stages"]
+    assert stages[1]["accuracy_interval"] == pytest.approx(list(kinds.wilson(cal.accuracy, 1024)), abs=1e-6)
     assert math.isfinite(BIN_CENTS[0].item())

@@ -175,6 +175,7 @@ class Regression(Kind):
     measures = ("r2",)
     labels = {"r2": "R² vs original"}
     truth_label = "R² vs labels"  # two R² columns side by side: say which is which
+    truth_proportion = False
 
     def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
         t = t.detach()
@@ -212,6 +213,7 @@ class Dense(Kind):
     measures = ("pixel_agreement", "miou")
     labels = {"pixel_agreement": "pixel top-1 agreement", "miou": "mIoU vs original"}
     truth_label = "pixel accuracy"
+    truth_proportion = False  # a proportion of pixels, which are not independent samples: no interval over images
     proportions = ("pixel_agreement",)
 
     def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:

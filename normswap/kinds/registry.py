@@ -55,6 +55,8 @@ class Kind(ABC):
     labels: dict[str, str] = {}
     #: what the ground-truth measure is called (``accuracy`` for a classifier)
     truth_label = "accuracy"
+    #: the ground-truth measure is a proportion of samples (it gets a Wilson interval over the sample count)
+    truth_proportion = True
     #: the measures that are proportions (they get a Wilson interval over the sample count)
     proportions: tuple[str, ...] = ()
 

@@ -126,7 +126,8 @@ def keep_function(
         return StageMetrics(stage=stage, agreement=agree, accuracy=truth(model), drift=drift)
 
     rep = FunctionReport(target=conversion.to, evaluated_on=where, original_accuracy=truth(original), stages=[measure("naive")],
-                         output_kind=outputs.describe(), truth_label=outputs.kind.truth_label, heldout=split_info)
+                         output_kind=outputs.describe(), truth_label=outputs.kind.truth_label,
+                         truth_proportion=getattr(outputs.kind, 'truth_proportion', False), heldout=split_info)
     if calibrate_:
         t0 = time.perf_counter()
         try:

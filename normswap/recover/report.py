@@ -101,6 +101,10 @@ class RecoveryReport:
 # the pipeline: naive → calibrated → recovered
 
 
+def _rounded(iv: tuple[float, float] | None) -> list[float] | None:
+    return None if iv is None else [round(iv[0], 6), round(iv[1], 6)]
+
+
 @dataclass
 class StageMetrics:
     stage: str  # naive | calibrated | recovered
@@ -132,16 +136,35 @@ class FunctionReport:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of "calibrate" and "recover"
     output_kind: str | None = None  # the outputs' kind and how it was chosen (normswap.kinds)
     truth_label: str = "accuracy"  # what ``accuracy`` measures against the labels, for this kind
+    truth_proportion: bool = False  # ``accuracy`` is a proportion of the held-out samples: it gets a Wilson interval
     heldout: dict[str, Any] | None = None  # how the held-out data was chosen (a split: fraction, seed, samples)
 
     def stage(self, name: str) -> StageMetrics | None:
         return next((s for s in self.stages if s.stage == name), None)
 
+    @property
+    def samples(self) -> int | None:
+        """The held-out samples every figure rests on (the labelled ones included)."""
+        return getattr(self.stages[0].agreement, "n", None) if self.stages else None
+
+    def accuracy_interval(self, value: float | None) -> tuple[float, float] | None:
+        """The 95% Wilson interval of a ground-truth figure over :attr:`samples`, when it is a proportion."""
+        from ..kinds import wilson
+
+        return wilson(value, self.samples) if self.truth_proportion else None
+
+    def format_accuracy(self, value: float | None) -> str:
+        if value is None:
+            return "—"
+        iv = self.accuracy_interval(value)
+        return f"{value:.4f}" + (f" [{iv[0]:.4f}–{iv[1]:.4f}]" if iv is not None else "")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target, "evaluated_on": self.evaluated_on,
             "original_accuracy": None if self.original_accuracy is None else round(self.original_accuracy, 6),
-            "stages": [s.to_dict() for s in self.stages],
+            "stages": [{**s.to_dict(), "accuracy_interval": _rounded(self.accuracy_interval(s.accuracy))} for s in self.stages],
+            "original_accuracy_interval": _rounded(self.accuracy_interval(self.original_accuracy)),
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "recovery": None if self.recovery is None else self.recovery.to_dict(),
             "drift_plot": self.plot,
@@ -164,7 +187,7 @@ class FunctionReport:
             d = list(s.drift.values())
             fmt = s.agreement.format if hasattr(s.agreement, "format") else (lambda k: "—" if s.agreement.get(k) is None else f"{s.agreement[k]:.4f}")
             rows.append([s.stage, *(fmt(k) for k in keys), "—" if r is None else f"{r:.4f}",
-                         "—" if s.accuracy is None else f"{s.accuracy:.4f}",
+                         self.format_accuracy(s.accuracy),
                          f"{sum(d) / len(d):.4f}" if d else "—", f"{max(d):.4f}" if d else "—"])
         no_acc = all(s.accuracy is None for s in self.stages)
         cols = [Column("stage"), *(Column(labels.get(k, k).replace(" ", "\n", 1), justify="right", drop=0 if i == 0 else 4)
@@ -179,7 +202,7 @@ class FunctionReport:
         if self.output_kind:
             parts.append(Text(self.output_kind, style="dim"))
         if self.original_accuracy is not None:
-            parts.append(Text(f"original {self.truth_label} {self.original_accuracy:.4f}"))
+            parts.append(Text(f"original {self.truth_label} {self.format_accuracy(self.original_accuracy)}"))
         if self.calibration is not None:
             parts.append(Text(self.calibration.summary()))
             parts += [Text(w, style="yellow") for w in self.calibration.warnings]
