@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Naive swap → calibration → recovery on the bundled pitch tracker, measured in cents.
 
-    python examples/pitch_recovery.py gn peaked 3e-3 256 0 2048     # TARGET LOSS LR BATCH SEED CALIB-FRAMES
+    python examples/pitch_recovery.py gn peaked 3e-3 256 0 8192     # TARGET LOSS LR BATCH SEED CALIB-FRAMES
 
 LOSS is the output kind whose distillation loss recovery uses (``peaked``: the detected kind; ``multilabel``:
 the loss before peaked heads were recognised); the measures are always the model's decoder (pitch within
@@ -43,4 +43,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["gn", "peaked", "3e-3", "256", "0", "2048"])
+    main(sys.argv[1:] or ["gn", "peaked", "3e-3", "256", "0", "8192"])
