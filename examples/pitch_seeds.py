@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The pitch table over seeds, through the CLI with its defaults: one `normswap convert` per target and seed.
 
-    python examples/pitch_seeds.py                  # gn and ln, seeds 0-4 (about 7 minutes on 2 cores)
+    python examples/pitch_seeds.py                  # gn and ln, seeds 0-4 (about 10 minutes on 2 cores)
     python examples/pitch_seeds.py --to gn --seeds 0 1
 
 Each run is exactly the command a user types (printed first), with the bundled calibration frames and the
