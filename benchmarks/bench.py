@@ -583,10 +583,14 @@ NORM_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
             "ReduceMean", "ReduceSumSquare", "Sqrt", "Div", "Pow")
 
 
-def bench_swap(model: Any, x: Any, target: str, path: Path, folded_onnx: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+def bench_swap(model: Any, x: Any, target: str, path: Path, folded_onnx: Path | None, args: argparse.Namespace,
+               name: str | None = None) -> dict[str, Any]:
+    """normswap's rewrite + export of ``target``, and the onnxruntime latency of its ONNX against the
+    BN-folded model's, in one interleaved measurement with (GroupNorm targets) the same swapped model in
+    torch.onnx's own lowering and torch.onnx's export of ``name`` built with that norm natively (the peer)."""
     import normswap
 
-    res: dict[str, Any] = {"target": target, "notes": []}
+    res: dict[str, Any] = {"target": target, "model": name, "notes": []}
     try:
         times = []
         conv = None
@@ -615,7 +619,24 @@ def bench_swap(model: Any, x: Any, target: str, path: Path, folded_onnx: Path | 
     if folded_onnx is None:
         res["notes"].append("no BN-folded ONNX to compare with")
         return res
-    lat = measure_latency({"swap": path, "fold": folded_onnx}, 1, args, budget=args.latency_budget / 2)
+    variants = {"swap": path, "fold": folded_onnx}
+    if exp.export_forms:  # norms normswap exports in a form of its own: time the exporter's own lowering too
+        variants["swap_plain"] = path.with_suffix(".plain.onnx")
+        try:
+            res["plain"] = export_baseline(prepare_plain(conv.model), x, variants["swap_plain"], "torchscript", exp.opset)
+        except Exception as e:
+            res["notes"].append(f"torch.onnx export of the swapped model failed: {short_error(e)}")
+            variants.pop("swap_plain")
+    peer = native_peer(res["model"], target) if res.get("model") else None
+    if peer is not None:
+        variants["peer"] = path.with_suffix(".peer.onnx")
+        try:
+            res["peer"] = export_baseline(peer, x, variants["peer"], "torchscript", exp.opset)
+            res["peer_model"] = f"torchvision {res['model']}(norm_layer={target_norm_layer_name(target)})"
+        except Exception as e:
+            res["notes"].append(f"torch.onnx export of the native peer failed: {short_error(e)}")
+            variants.pop("peer")
+    lat = measure_latency(variants, 1, args, budget=args.latency_budget / 2 * (len(variants) / 2))
     res["latency"] = lat
     res["notes"].extend(lat["notes"])
     if "swap" in lat["variants"] and "fold" in lat["variants"]:
@@ -623,7 +644,58 @@ def bench_swap(model: Any, x: Any, target: str, path: Path, folded_onnx: Path | 
         res["fold_ms"] = lat["variants"]["fold"]["median_ms"]
         res["ratio"] = median_ratio(lat, "swap", "fold")
         res["paired_ratio"] = paired_ratio(lat, "swap", "fold")
+        for v in ("swap_plain", "peer"):
+            if v in lat["variants"]:
+                res[f"{v}_ms"] = lat["variants"][v]["median_ms"]
+                res[f"{v}_ratio"] = median_ratio(lat, v, "fold")  # vs the BN-folded model, like "ratio"
+                res[f"swap_over_{v}"] = paired_ratio(lat, "swap", v)
     return res
+
+
+def prepare_plain(model: Any) -> Any:
+    """``model`` as normswap would export it, except that the norms with a registered export form stay
+    as they are: what torch.onnx's own lowering of the swapped model gives (GroupNorm → … → Mul/Add)."""
+    from normswap.export import prepare_for_export
+    from normswap.norms.registry import EXPORT_FORMS
+
+    saved = dict(EXPORT_FORMS)
+    EXPORT_FORMS.clear()
+    try:
+        return prepare_for_export(model)
+    finally:
+        EXPORT_FORMS.update(saved)
+
+
+def target_norm_layer_name(target: str) -> str:
+    return {"gn": "GroupNorm(G(C), C)", "gn-ws": "GroupNorm(G(C), C)", "ln": "GroupNorm(1, C)"}.get(target, "?")
+
+
+def native_peer(name: str, target: str) -> Any:
+    """The torchvision model built with the target's norm from the start (random weights, eval), with the
+    group counts normswap chooses — the model torch.onnx's own export is the peer of — or None."""
+    import torch
+    import torchvision
+
+    from normswap.norms import choose_groups
+
+    if target not in ("gn", "gn-ws", "ln"):
+        return None
+
+    def layer(c: int) -> Any:
+        return torch.nn.GroupNorm(1 if target == "ln" else choose_groups(c), c)
+
+    try:
+        torch.manual_seed(0)
+        m = torchvision.models.get_model(name, weights=None, norm_layer=layer).eval()
+    except TypeError:  # the builder takes no norm_layer
+        return None
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.GroupNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,7 +769,8 @@ def bench_calibration(name: str, targets: list[str], args: argparse.Namespace) -
             def kd_epoch() -> float:
                 student = normswap.rewrite(model, tgt, (batches[0][0][:2],), verify=False)
                 with quiet():
-                    t, _ = timed(lambda: recover(model, student, batches, steps=len(batches), augment=False, progress=False))
+                    t, _ = timed(lambda: recover(model, student, batches, steps=len(batches), augment=False, progress=False,
+                                                    batch_size=None))  # one pass over the batches as given
                 return t
 
             kd_epoch()  # warm-up
@@ -801,7 +874,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path, swap_targets
     if name in args.swap_model_list:
         for tgt in swap_targets:
             log(f"{name}: swap target {tgt}")
-            s = bench_swap(model, x, tgt, workdir / f"{name}.{tgt}.onnx", folded_onnx, args)
+            s = bench_swap(model, x, tgt, workdir / f"{name}.{tgt}.onnx", folded_onnx, args, name)
             r["swaps"].append(s)
     return r
 
@@ -1043,7 +1116,8 @@ def print_tables(console: Any, results: list[dict[str, Any]], args: argparse.Nam
     if swaps:
         t = table("4. swap targets: rewrite time and batch-1 onnxruntime latency vs the BN-folded ONNX of the same model",
                   "model", "target", "sites rewritten", f"rewrite s (med of {args.swap_repeats})", "export s",
-                  "ONNX nodes", "norm ops", "swap ms", "folded ms", "swap/folded", "note")
+                  "ONNX nodes", "norm ops", "swap ms", "folded ms", "swap/folded",
+                  "torch.onnx lowering of the swap / folded", "native peer (torch.onnx) / folded", "swap / peer", "note")
         for model, s in swaps:
             counts = s.get("op_counts") or {}
             norm_ops = ", ".join(f"{k}×{counts[k]}" for k in NORM_OPS if counts.get(k)) or "–"
@@ -1053,7 +1127,8 @@ def print_tables(console: Any, results: list[dict[str, Any]], args: argparse.Nam
             note = s.get("error") or "; ".join(s.get("notes", [])) or ""
             t.add_row(model, s["target"], sites, fmt_s(s.get("rewrite_median_s"), 2), fmt_s(s.get("export_s"), 2),
                       str(s.get("nodes", "–")), norm_ops, fmt_ms(s.get("swap_ms")), fmt_ms(s.get("fold_ms")),
-                      fmt_ratio(s.get("ratio")), f"[red]{note}[/]" if s.get("error") else note)
+                      fmt_ratio(s.get("ratio")), fmt_ratio(s.get("swap_plain_ratio")), fmt_ratio(s.get("peer_ratio")),
+                      fmt_ratio(s.get("swap_over_peer")), f"[red]{note}[/]" if s.get("error") else note)
         console.print(t)
 
     if calib:

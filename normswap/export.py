@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from normswap.atomic import default_file_mode, staging_dir
 from normswap.errors import InputError, NormswapError
+from normswap.norms.registry import EXPORT_FORMS, ExportForm
 from normswap.parity import flatten_outputs, make_session, session_feed
 from normswap.parity.rule import judge
 from normswap.parity.running import _clone_inputs
@@ -83,6 +84,8 @@ __all__ = [
 ]
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
+#: ONNX ops that normalize (counted in the report line)
+NORM_OP_TYPES = ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization")
 DEFAULT_OPSET = 20
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
 TORCHSCRIPT_MIN_OPSET = 7
@@ -129,6 +132,8 @@ class ExportResult:
     max_rel_err: float | None = None  # onnxruntime vs torch over the verified batches
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {"exporter", "seconds", "error"}
     notes: list[str] = field(default_factory=list)
+    #: registered export forms used (label -> modules), e.g. each nn.GroupNorm as InstanceNormalization + BatchNormalization
+    export_forms: dict[str, int] = field(default_factory=dict)
 
     def move_into(self, directory: str | os.PathLike[str]) -> None:
         """Move the ONNX file and its external data file (same names: the model refers to its data
@@ -142,6 +147,14 @@ class ExportResult:
         os.replace(self.path, dest)
         self.path = dest
 
+    def line(self, where: Any = None) -> str:
+        """One line for the report: where, how many nodes, the normalization nodes by type and why."""
+        counts = self.op_counts
+        norms = [f"{counts[op]} {op}" for op in NORM_OP_TYPES if counts.get(op)]
+        forms = "".join(f"; {n} {label}" for label, n in self.export_forms.items())
+        return (f"ONNX: {self.path if where is None else where} — {sum(counts.values())} nodes, "
+                f"normalization nodes: {', '.join(norms) or 'none'}{forms}, exporter {self.exporter}, opset {self.opset}")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
@@ -153,8 +166,10 @@ class ExportResult:
 # preparing the module
 
 
-def prepare_for_export(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with every module that has ``export_form()`` replaced by its result.
+def prepare_for_export(model: nn.Module, forms: Counter[str] | None = None) -> nn.Module:
+    """A deep copy in eval mode with every module that has ``export_form()`` replaced by its result,
+    and every module of a class with a registered :class:`~normswap.norms.registry.ExportForm` (nn.GroupNorm)
+    by that form; ``forms``, when given, counts the registered forms used by label.
 
     ``export_form()`` returns a plain, exporter-friendly equivalent (e.g. a weight-standardized
     conv returns an ``nn.Conv2d`` holding the standardized weights). Replacements are applied
@@ -169,15 +184,18 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
         raise InputError(f"the model cannot be deep-copied ({type(e).__name__}: {e}); remove non-copyable attributes") from e
     memo: dict[int, nn.Module] = {}
     with torch.no_grad():
-        root = _export_form(clone, memo)
-        _replace_children(root, memo, set())
+        root = _export_form(clone, memo, forms)
+        _replace_children(root, memo, set(), forms)
     return root.eval()
 
 
-def _export_form(m: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+def _export_form(m: nn.Module, memo: dict[int, nn.Module], counts: Counter[str] | None = None) -> nn.Module:
     if id(m) in memo:
         return memo[id(m)]
     fn = getattr(m, "export_form", None)
+    form = EXPORT_FORMS.get(type(m)) if fn is None else None
+    if form is not None:  # a torch class (nn.GroupNorm): its form is registered with the norm family
+        fn = functools.partial(_registered_form, m, form, counts)
     new = m
     seen = {id(m)}
     while callable(fn):
@@ -193,17 +211,27 @@ def _export_form(m: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     return new
 
 
-def _replace_children(module: nn.Module, memo: dict[int, nn.Module], visited: set[int]) -> None:
+def _registered_form(m: nn.Module, form: ExportForm, counts: Counter[str] | None) -> nn.Module:
+    out = form.build(m)
+    if out is None:
+        return m
+    if counts is not None:
+        counts[form.label] += 1
+    return out
+
+
+def _replace_children(module: nn.Module, memo: dict[int, nn.Module], visited: set[int],
+                      counts: Counter[str] | None = None) -> None:
     if id(module) in visited:
         return
     visited.add(id(module))
     for name, child in list(module._modules.items()):  # not named_children(): it skips repeats of a shared module
         if child is None:
             continue
-        new = _export_form(child, memo)
+        new = _export_form(child, memo, counts)
         if new is not child:
             setattr(module, name, new)
-        _replace_children(new, memo, visited)
+        _replace_children(new, memo, visited, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +603,8 @@ def export_onnx(
     if dest.is_dir():
         raise InputError(f"output path {dest} is a directory; give a file name such as {dest / 'model.onnx'}")
 
-    prepared = prepare_for_export(model)
+    forms: Counter[str] = Counter()
+    prepared = prepare_for_export(model, forms)
     if dynamic_batch and any(x.shape[0] == 1 for x in example):
         trace_args = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in example)
     else:
@@ -667,6 +696,7 @@ def export_onnx(
         verified_batches=batches,
         max_rel_err=max_rel,
         attempts=attempts,
+        export_forms=dict(forms),
         notes=notes,
     )
 

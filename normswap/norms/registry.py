@@ -224,6 +224,32 @@ def get_target(name: str) -> NormTarget:
 
 
 # ---------------------------------------------------------------------------------------------------
+# export forms of modules torch owns
+
+
+@dataclass(frozen=True)
+class ExportForm:
+    """How :func:`normswap.export.prepare_for_export` replaces a module class it cannot give an
+    ``export_form()`` method (a torch class): ``build(module)`` returns the equivalent to export, or None
+    to export the module as it is; ``label`` names the form in the export result."""
+
+    label: str
+    build: Callable[[nn.Module], nn.Module | None]
+
+
+#: exact module class -> its export form (subclasses are not matched: they may compute something else)
+EXPORT_FORMS: dict[type, ExportForm] = {}
+
+
+def register_export_form(cls: type, form: ExportForm) -> ExportForm:
+    """Export every module of exactly class ``cls`` in ``form`` (one form per class)."""
+    if cls in EXPORT_FORMS and EXPORT_FORMS[cls] is not form:
+        raise ValueError(f"an export form for {cls.__name__} is already registered")
+    EXPORT_FORMS[cls] = form
+    return form
+
+
+# ---------------------------------------------------------------------------------------------------
 # helpers for builders
 
 

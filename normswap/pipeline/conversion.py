@@ -101,10 +101,7 @@ class ConversionResult:
         if self.parity is not None and self.parity.stats:
             parts.append(self.parity)
         if self.export is not None:
-            bn = self.export.op_counts.get("BatchNormalization", 0)
-            nodes = sum(self.export.op_counts.values())
-            where = self.outputs.get("onnx", "(not written)")
-            parts.append(Text(f"ONNX: {where} — {nodes} nodes, {bn} BatchNormalization, exporter {self.export.exporter}, opset {self.export.opset}"))
+            parts.append(Text(self.export.line(self.outputs.get("onnx", "(not written)"))))
         if self.batch_independence is not None:
             bi = self.batch_independence
             parts.append(Text(

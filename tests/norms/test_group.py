@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from normswap.norms import SwapSite, get_target
-from normswap.norms.group import choose_groups, group_notes
+from normswap.norms.group import (
+    GROUP_NORM_EXPORT,
+    GroupNormExport,
+    choose_groups,
+    group_notes,
+)
 from normswap.norms.ws import WSConv2d
 
 from ._helpers import (
@@ -147,3 +152,61 @@ def test_onnx_parity_gn_and_gn_ws_export_form() -> None:
     assert ops.count("Conv") == 1 and "InstanceNormalization" in ops and "ReduceMean" not in ops
     with torch.no_grad():
         assert rel_err(pair(x), nn.Sequential(b.producer, b.norm).eval()(x)) <= 1e-5
+
+
+# -- the export form: nn.GroupNorm as Reshape → InstanceNormalization → Reshape → BatchNormalization(γ, β)
+
+
+def _random_gn(groups: int, c: int, eps: float = 1e-5) -> nn.GroupNorm:
+    gn = nn.GroupNorm(groups, c, eps=eps)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        gn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        gn.bias.copy_(torch.randn(c, generator=g))
+    return gn.eval()
+
+
+@pytest.mark.parametrize("spatial_dims", [0, 1, 2, 3])
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_group_norm_export_form_computes_group_norm(spatial_dims: int, eps: float) -> None:
+    gn = _random_gn(4, 16, eps)
+    x = make_input(3, 16, spatial_dims)
+    with torch.no_grad():
+        assert rel_err(GroupNormExport(gn)(x), gn(x)) <= 1e-6
+
+
+def test_group_norm_exports_as_instance_norm_then_batchnorm_affine(tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    import normswap
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), _random_gn(4, 16), nn.ReLU()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = make_input(1, 3, 2)
+    res = normswap.export_onnx(model, (x,), tmp_path / "gn.onnx")
+    assert res.op_counts["InstanceNormalization"] == 1 and res.op_counts["BatchNormalization"] == 1
+    assert res.export_forms == {GROUP_NORM_EXPORT.label: 1}
+    assert "1 InstanceNormalization" in res.line() and GROUP_NORM_EXPORT.label in res.line()
+    assert res.max_rel_err is not None and res.max_rel_err <= 1e-5
+    # the caller's model is untouched
+    assert isinstance(model[1], nn.GroupNorm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # onnxruntime drops the exporter's Mul-by-ones / Add-of-zeros: the session runs IN → BN, no broadcast affine
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(res.path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "Mul" not in ops and "Add" not in ops and ops.count("BatchNormalization") == 1, ops
+
+
+def test_affine_free_and_subclassed_group_norms_export_as_they_are(tmp_path) -> None:
+    import normswap
+
+    class MyGN(nn.GroupNorm):  # a subclass may compute something else: not matched
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8, affine=False), MyGN(2, 8)).eval()
+    res = normswap.export_onnx(model, (make_input(1, 3, 2),), tmp_path / "plain.onnx")
+    assert "BatchNormalization" not in res.op_counts and res.export_forms == {}
