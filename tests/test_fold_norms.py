@@ -188,3 +188,53 @@ def test_fold_norms_names_and_option_rules():
     assert res.verdict.word == "CONVERTED" and "function changed" in res.verdict.line and res.exit_code == 0
     assert isinstance(res.model.get_submodule("1"), nn.InstanceNorm2d)
     assert res.to_dict()["fold_norms"]["sites"][1]["folded"] is True
+
+
+def test_a_saved_gn_ws_conversion_is_a_model_convert_folds_into_an_onnx_without_norms(tmp_path):
+    """The round trip's last step: `normswap convert SAVED_DIR --to fold --calib digits --fold-norms all`."""
+    import normswap
+    from normswap.export import NORM_OP_TYPES
+
+    from .test_cli import assert_one_line_error, run
+    from normswap.pipeline import run_conversion
+
+    saved = tmp_path / "gnws"
+    assert run_conversion(to="gn-ws", calib="digits", calib_samples=256, save=saved).exit_code == 0
+    conv = normswap.load_conversion(saved)
+    res = run_conversion(str(saved), "fold", calib="digits", calib_samples=256, fold_norms="all", onnx=tmp_path / "f.onnx")
+    assert res.exit_code == 0 and res.verdict.word == "EXPORTED", res.verdict.line
+    assert not any(res.export.op_counts.get(op) for op in NORM_OP_TYPES), res.export.op_counts
+    assert set(res.export.op_counts) <= {"Add", "Conv", "Flatten", "Gemm", "GlobalAveragePool", "Relu"}
+    # what was folded is the saved model, not the BN original: its held-out agreement is with the GN+WS model
+    x = torch.randn(5, 1, 8, 8)
+    from normswap.models.digits import digits_resnet
+
+    with torch.no_grad():
+        assert not torch.allclose(res.model(x), digits_resnet()(x), atol=1e-3)
+    # the fold reproduces the saved GN+WS model's affine-replaced form, not the BN original
+    with torch.no_grad():
+        assert res.to_dict()["fold_norms"]["sites"] and not torch.equal(res.model(x), conv.model.eval()(x))
+
+    # through the CLI: the note names the saved conversion; refusals are one line, before any work
+    p = run("convert", str(saved), "--to", "fold")
+    assert p.returncode == 0 and "a saved 'gn-ws' conversion of the bundled digits ResNet" in p.stdout + p.stderr
+    assert_one_line_error(run("convert", str(saved), "--to", "gn", "--save", str(tmp_path / "s2")), 2,
+                          "cannot record a conversion of the saved conversion")
+    assert not (tmp_path / "s2").exists()
+    assert_one_line_error(run("convert", str(saved), "--to", "fold", "--arg", "x=1"), 2, "saved conversion that holds its weights")
+
+
+def test_a_saved_conversion_of_another_model_is_not_built_from_its_record(tmp_path):
+    import json
+
+    from normswap.errors import InputError
+    from normswap.pipeline import run_conversion
+    from normswap.saved import CONVERSION_JSON
+
+    saved = tmp_path / "gnws"
+    assert run_conversion(to="gn-ws", calib="digits", calib_samples=128, save=saved).exit_code == 0
+    rec = json.loads((saved / CONVERSION_JSON).read_text())
+    rec["source"] = {"spec": "evil_module:build", "args": {}, "weights": None}
+    (saved / CONVERSION_JSON).write_text(json.dumps(rec))
+    with pytest.raises(InputError, match="never runs the code it names"):
+        run_conversion(str(saved), "fold", calib="digits")

@@ -217,6 +217,11 @@ def run_conversion(
     if to == "fold" and calib is not None and save is not None:
         raise InputError("--save cannot record a fold of fitted norms: a saved conversion is rebuilt by re-running the "
                          "pass on the architecture, which has no fitted affines; write the ONNX with --onnx instead")
+    from .stages import saved_conversion_dir
+
+    if save is not None and saved_conversion_dir(model):
+        raise InputError(f"--save cannot record a conversion of the saved conversion {model}: its record could not "
+                         "rebuild it from the architecture; write the result with --onnx (or re-save from Python)")
     if half is not None and calib is not None:
         raise InputError("--dtype cannot be combined with --calib: calibration fits run in float32; drop one of them")
     if half == torch.bfloat16 and onnx is not None:

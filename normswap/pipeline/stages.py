@@ -23,7 +23,44 @@ def load_stage(model: Any, *, args: Mapping[str, Any] | None = None, weights: An
             raise InputError("weights= applies to a model spec; load them into your module yourself")
         return LoadedModel(model=model, spec=None, args={}, weights=None, input_shape=_input_shape(model), notes=[],
                            random_init=False)
+    if isinstance(model, (str, Path)) and saved_conversion_dir(model):
+        return load_saved(Path(model), args=args, weights=weights)
     return load_model(model, args=dict(args or {}), weights=weights, trust_pickle=trust_pickle, strict=strict)
+
+
+def saved_conversion_dir(model: Any) -> bool:
+    """Whether MODEL names a saved conversion directory (``--save DIR``: conversion.json + weights)."""
+    from normswap.saved import CONVERSION_JSON
+
+    return isinstance(model, (str, Path)) and Path(model).is_dir() and (Path(model) / CONVERSION_JSON).is_file()
+
+
+def load_saved(directory: Path, *, args: Mapping[str, Any] | None = None, weights: Any = None) -> Any:
+    """A saved conversion as the MODEL of a new conversion (e.g. a fine-tuned GN+WS model → ``--to fold``).
+
+    Data only, as ``normswap recover`` reads it: the record is validated and hashed, and the architecture
+    is the bundled digits model the record names; a record naming another model is refused (its spec is
+    code the directory chooses) with the way to pass the model from Python."""
+    from normswap.errors import InputError
+    from normswap.load import LoadedModel, _input_shape
+    from normswap.saved import load_conversion, read_record, uses_bundled_model
+
+    if args or weights is not None:
+        raise InputError(f"--arg / --weights apply to a model spec; {directory} is a saved conversion that holds its weights")
+    rec = read_record(directory)
+    if not uses_bundled_model(rec):
+        spec = (rec.get("source") or {}).get("spec")
+        raise InputError(
+            f"{directory} is a conversion of {spec!r:.200}; a saved conversion never runs the code it names, so "
+            f"convert reads only conversions of the bundled model: from Python, pass "
+            f"run_conversion(model=load_conversion({str(directory)!r}, model=YOUR_MODEL).model, ...)")
+    conv = load_conversion(directory, record=rec)
+    model = conv.model.eval()
+    shapes = rec.get("input_shapes") or []
+    shape = tuple(shapes[0]) if shapes else _input_shape(model)
+    note = (f"MODEL {directory}: a saved '{rec['to']}' conversion of the bundled digits ResNet (weights sha256 "
+            f"{str(rec.get('weights_sha256'))[:12]}…), read as data")
+    return LoadedModel(model=model, spec=None, args={}, weights=None, input_shape=shape, notes=[note], random_init=False)
 
 
 def _is_bundled(model: Any, loaded: Any) -> bool:
