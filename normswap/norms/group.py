@@ -180,4 +180,4 @@ def _group_norm_export(gn: nn.Module) -> nn.Module | None:
 
 
 GROUP_NORM_EXPORT = register_export_form(nn.GroupNorm, ExportForm(
-    label="GroupNorm → InstanceNormalization + BatchNormalization(γ, β)", build=_group_norm_export))
+    label="GroupNorm module(s) as InstanceNormalization + BatchNormalization(γ, β)", build=_group_norm_export))
