@@ -13,7 +13,7 @@ Settings: calibration in batches of 64; recovery at the library's defaults — i
 samples into steps of 256 (one step sees every sample once, mixed and shifted anew) with Adam at lr 3e-3,
 cosine-decayed (``normswap.defaults``). In 10-seed sweeps (seeds 0–9), against
 steps of 64 at lr 2e-3, this moved gn-ws from 5/10 seeds at ≥ 0.995 (mean 0.9938) to 9/10 (mean 0.9960)
-and ln from 10/10 to 7/10 (mean 0.9949, 0.1 digit below 0.995); gn stays 10/10, ln-channels 8/10 → 10/10
+and ln from 10/10 to 7/10 (mean 0.9951); gn stays 10/10, ln-channels 8/10 → 10/10
 (README, re-measured 2026-12-03). Held-out results move by one or two digits (0.2–0.4 points) from seed
 to seed, so compare targets over several ``--seed`` values.
 """

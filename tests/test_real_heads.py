@@ -246,3 +246,16 @@ def test_the_pitch_model_through_the_pipeline_is_measured_in_cents_never_by_labe
     stages = res.kept.to_dict()["stages"]
     assert stages[1]["accuracy_interval"] == pytest.approx(list(kinds.wilson(cal.accuracy, 1024)), abs=1e-6)
     assert math.isfinite(BIN_CENTS[0].item())
+    # the calibration summary names the decoder's measure as the user reads it, never an internal key
+    summary = res.kept.calibration.summary()
+    assert "held-out decoded within ±50 cents" in summary and "decoded_within" not in summary, summary
+
+
+def test_convert_recovery_that_raises_the_heldout_loss_keeps_the_calibrated_weights_and_says_so():
+    # lr 0.05 knocks the calibrated digits model off its fit: `convert --recover-steps` must not keep that
+    res = normswap.run_conversion(to="gn", calib="digits", calib_samples=256, recover_steps=20, lr=0.05)
+    cal, rec = res.kept.stage("calibrated"), res.kept.stage("recovered")
+    assert res.kept.recovery.best_step == 0 and rec.agreement.quality == cal.agreement.quality
+    assert rec.agreement["rel_err"] == pytest.approx(cal.agreement["rel_err"])
+    assert "recovery raised the held-out loss, so its starting weights were kept" in res.verdict.line
+    assert "kept the weights of step 0" in " ".join(res.kept.recovery.notes)

@@ -225,7 +225,9 @@ def never_worse(held: _Heldout, teacher: nn.Module, fits: dict[str, Any], mods: 
         head.write()
     samples = paired(naive.per_sample, naive.per_sample, held.reduce).n  # over every rank
     info: dict[str, Any] = {"loss": held.loss_name, "samples": samples, "loss_naive": naive.loss,
-                            "loss_fitted": scr.fitted.loss, "naive": dict(naive.measures)}
+                            "loss_fitted": scr.fitted.loss, "naive": dict(naive.measures),
+                            # the primary measure and its name (a decoder's are its own, not the registry's)
+                            "primary": naive.measures.primary, "label": naive.measures.label}
     if not check:
         info.update(loss_after=scr.fitted.loss, after=dict(scr.fitted.measures), checked=False, passes=2)
         return info

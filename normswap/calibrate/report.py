@@ -141,8 +141,8 @@ class CalibrationReport:
             from ..kinds import Measures
 
             before, after = Measures(h["naive"]), Measures(h["after"])
-            key = next(iter(after))
-            label = _label(key)
+            key = h.get("primary") or next(iter(after))
+            label = h.get("label") or _label(key)
             if after.get(key) is not None and before.get(key) is not None:
                 n = f", {h['samples']} samples" if "samples" in h else ""
                 parts.append(f"held-out {label} {before[key]:.4f} → {after[key]:.4f} on {h.get('data', 'held-out data')}"

@@ -43,6 +43,11 @@ def _agreement_text(kept: Any, drift: Mapping[str, Any] | None) -> str:
     if kept is not None and kept.stages:
         last = kept.stages[-1]
         how = {"naive": "naive swap", "calibrated": "calibrated", "recovered": "calibrated and recovered"}.get(last.stage, last.stage)
+        rec = getattr(kept, "recovery", None)
+        best = getattr(rec, "best_step", None)
+        if last.stage == "recovered" and best is not None and best != rec.end_step:
+            how = ("calibrated; recovery raised the held-out loss, so its starting weights were kept" if best == rec.start_step
+                   else f"calibrated and recovered, the weights of step {best} of {rec.end_step}: the best held-out loss")
         agr = last.agreement
         primary = getattr(agr, "primary", "top1_agreement")
         if hasattr(agr, "format") and agr.get(primary) is not None:

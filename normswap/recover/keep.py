@@ -90,8 +90,9 @@ def keep_function(
     calibration and recovery use the rest; ``heldout_fraction=0`` measures on the calibration data
     itself (labelled so in the report). ``output_kind``: see :mod:`normswap.kinds` (default: detected
     from the original's outputs); ``decode`` / ``decode_tol``: read the outputs through a decoder
-    (:func:`normswap.kinds.resolve_decoder`; default: the model's ``normswap_decode``). ``check``: calibration's held-out never-worse check (see
-    :func:`~normswap.calibrate.calibrate`). ``amp``: recovery's mixed precision (:func:`recover`).
+    (:func:`normswap.kinds.resolve_decoder`; default: the model's ``normswap_decode``). ``check``: the never-worse rules on the held-out data — calibration's
+    checks (see :func:`~normswap.calibrate.calibrate`) and recovery's keep-best (it ends on the weights of
+    its best held-out evaluation, the calibrated ones included, when that is lower beyond noise). ``amp``: recovery's mixed precision (:func:`recover`).
     Returns a :class:`FunctionReport`."""
     from ..heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from ..kinds import detect
@@ -147,7 +148,8 @@ def keep_function(
                                feature_weight=feature_weight, seed=seed, augment=augment,
                                checkpoint_dir=checkpoint_dir, target_agreement=target_agreement, progress=progress,
                                batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch, output_kind=outputs,
-                               heldout=eval_data if heldout is not None else None, amp=amp)
+                               heldout=eval_data if heldout is not None else None, amp=amp,
+                               keep_best=check)
         rep.seconds["recover"] = time.perf_counter() - t0
         rep.stages.append(measure("recovered"))
         check_finite_model(model, "recovery", rep.stages[-1].agreement)

@@ -206,7 +206,7 @@ def recover(
     shard_batches: bool = True,
     batch_size: int | None = DEFAULT_RECOVER_BATCH,
     heldout: Any = None,
-    keep_best: bool = False,
+    keep_best: bool = True,
     output_kind: Any = None,
     amp: str | None = None,
 ) -> RecoveryReport:
@@ -224,9 +224,11 @@ def recover(
     it chooses the distillation loss and the measure ("agreement" below: top-1 agreement for
     classifiers, label agreement for multilabel, R² for regression, pixel agreement for dense).
     ``heldout`` (inputs, or batches, never trained on): agreement with the teacher is measured
-    on it at the start and every ``eval_every`` steps (shown beside the bar); with ``keep_best`` the
-    student ends with the weights of the best of those evaluations — the starting weights included, so
-    recovery never leaves a model that agrees less on held-out data than the one it was given.
+    on it at the start and every ``eval_every`` steps (shown beside the bar); with ``keep_best`` (the
+    default) the student ends with the weights of the best of those evaluations — the starting weights
+    included — when their held-out loss is lower than the last step's beyond noise, so recovery never
+    leaves a model measurably worse on held-out data than the one it was given (``keep_best=False``:
+    the last step's weights, as ``normswap recover --keep-last``).
     ``amp``: ``"bf16"`` / ``"fp16"`` runs the training step's forwards and loss under autocast on the
     model's device (fp16 with a grad scaler; :class:`normswap.devices.Precision`); every evaluation
     stays float32. Returns a :class:`RecoveryReport`; the student keeps its train/eval flags."""
