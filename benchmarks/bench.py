@@ -656,14 +656,8 @@ def prepare_plain(model: Any) -> Any:
     """``model`` as normswap would export it, except that the norms with a registered export form stay
     as they are: what torch.onnx's own lowering of the swapped model gives (GroupNorm → … → Mul/Add)."""
     from normswap.export import prepare_for_export
-    from normswap.norms.registry import EXPORT_FORMS
 
-    saved = dict(EXPORT_FORMS)
-    EXPORT_FORMS.clear()
-    try:
-        return prepare_for_export(model)
-    finally:
-        EXPORT_FORMS.update(saved)
+    return prepare_for_export(model, registered={})
 
 
 def target_norm_layer_name(target: str) -> str:

@@ -58,7 +58,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,10 +166,12 @@ class ExportResult:
 # preparing the module
 
 
-def prepare_for_export(model: nn.Module, forms: Counter[str] | None = None) -> nn.Module:
+def prepare_for_export(model: nn.Module, forms: Counter[str] | None = None, *,
+                       registered: Mapping[type, ExportForm] = EXPORT_FORMS) -> nn.Module:
     """A deep copy in eval mode with every module that has ``export_form()`` replaced by its result,
-    and every module of a class with a registered :class:`~normswap.norms.registry.ExportForm` (nn.GroupNorm)
-    by that form; ``forms``, when given, counts the registered forms used by label.
+    and every module of a class with a ``registered`` :class:`~normswap.norms.registry.ExportForm`
+    (nn.GroupNorm) by that form; ``forms``, when given, counts the registered forms used by label
+    (``registered={}``: torch's classes as the exporters lower them).
 
     ``export_form()`` returns a plain, exporter-friendly equivalent (e.g. a weight-standardized
     conv returns an ``nn.Conv2d`` holding the standardized weights). Replacements are applied
@@ -182,20 +184,30 @@ def prepare_for_export(model: nn.Module, forms: Counter[str] | None = None) -> n
         clone = copy.deepcopy(model)
     except Exception as e:
         raise InputError(f"the model cannot be deep-copied ({type(e).__name__}: {e}); remove non-copyable attributes") from e
-    memo: dict[int, nn.Module] = {}
+    sub = _Substitution(registered, forms)
     with torch.no_grad():
-        root = _export_form(clone, memo, forms)
-        _replace_children(root, memo, set(), forms)
+        root = _export_form(clone, sub)
+        _replace_children(root, sub, set())
     return root.eval()
 
 
-def _export_form(m: nn.Module, memo: dict[int, nn.Module], counts: Counter[str] | None = None) -> nn.Module:
-    if id(m) in memo:
-        return memo[id(m)]
+@dataclass
+class _Substitution:
+    """One prepare_for_export pass: the registered forms, their use counts, the replacement of every
+    module seen (by id: a module shared in several places is replaced once)."""
+
+    registered: Mapping[type, ExportForm]
+    counts: Counter[str] | None
+    memo: dict[int, nn.Module] = field(default_factory=dict)
+
+
+def _export_form(m: nn.Module, sub: _Substitution) -> nn.Module:
+    if id(m) in sub.memo:
+        return sub.memo[id(m)]
     fn = getattr(m, "export_form", None)
-    form = EXPORT_FORMS.get(type(m)) if fn is None else None
+    form = sub.registered.get(type(m)) if fn is None else None
     if form is not None:  # a torch class (nn.GroupNorm): its form is registered with the norm family
-        fn = functools.partial(_registered_form, m, form, counts)
+        fn = functools.partial(_registered_form, m, form, sub.counts)
     new = m
     seen = {id(m)}
     while callable(fn):
@@ -207,7 +219,7 @@ def _export_form(m: nn.Module, memo: dict[int, nn.Module], counts: Counter[str] 
         seen.add(id(out))
         new = out
         fn = getattr(new, "export_form", None)
-    memo[id(m)] = new
+    sub.memo[id(m)] = new
     return new
 
 
@@ -220,18 +232,17 @@ def _registered_form(m: nn.Module, form: ExportForm, counts: Counter[str] | None
     return out
 
 
-def _replace_children(module: nn.Module, memo: dict[int, nn.Module], visited: set[int],
-                      counts: Counter[str] | None = None) -> None:
+def _replace_children(module: nn.Module, sub: _Substitution, visited: set[int]) -> None:
     if id(module) in visited:
         return
     visited.add(id(module))
     for name, child in list(module._modules.items()):  # not named_children(): it skips repeats of a shared module
         if child is None:
             continue
-        new = _export_form(child, memo, counts)
+        new = _export_form(child, sub)
         if new is not child:
             setattr(module, name, new)
-        _replace_children(new, memo, visited, counts)
+        _replace_children(new, sub, visited)
 
 
 # ---------------------------------------------------------------------------------------------
