@@ -12,7 +12,7 @@ tools a user would otherwise reach for, all measured in the same run.
 What is compared (every ratio is normswap / baseline, so < 1 means normswap is faster/smaller):
 
 1. Fold time: the public ``normswap.rewrite(model, "fold", (x,), verify=False)`` and the internal pass
-   ``normswap.fold.fold(model, (x,))`` vs ``torch.fx.experimental.optimization.fuse(model)``; each
+   ``normswap.rewriting.fold.fold(model, (x,))`` vs ``torch.fx.experimental.optimization.fuse(model)``; each
    copies the model itself. ``rewrite`` with verification (``verify=True``) is timed too, and its
    extra cost reported apart. One warm-up call each, then ``--repeats`` calls each,
    interleaved (alternating order), garbage collector off while timing; the median is reported,
@@ -39,12 +39,12 @@ What is compared (every ratio is normswap / baseline, so < 1 means normswap is f
    A target that raises is skipped with a note.
 5. Calibration cost (``--calib-targets``, ``--calib-models``): the calibration *stage* as the user runs
    it — ``run_conversion(model=…, to=T, calib=data)``'s ``calibrate`` timing (a 20% held-out split, the
-   never-worse checks, the advice) — and the bare ``normswap.calibrate.calibrate`` on a fresh swap (all
+   never-worse checks, the advice) — and the bare ``normswap.keep.calibrate.calibrate`` on a fresh swap (all
    the data, no held-out set), each vs one plain forward pass of the original (eval, no grad) over the
    same batches, interleaved, ``--calib-repeats`` times; the ratio of the medians (the issue's target:
    ≤ 3×), the ratio of the minima, the stage's parts as its report splits them, the report's quoted
    seconds over the stage's measured ones (should be 1), and, as the alternative a user would otherwise reach for, one epoch
-   of label-free distillation (``normswap.recover.recover``, one step per batch, no augmentation) as a
+   of label-free distillation (``normswap.keep.recover.recover``, one step per batch, no augmentation) as a
    ratio to the same forward. Data: the bundled digits model gets 256 training digits in batches of
    64; torchvision models get 64 seeded Gaussian images of ``--calib-size``² in batches of 16 (the
    cost does not depend on the pixel values).
@@ -279,14 +279,14 @@ def total_nodes(counts: dict[str, int] | None) -> int | None:
 
 def bench_fold(model: Any, x: Any, repeats: int) -> dict[str, Any]:
     import torch
-    import normswap.fold
+    import normswap.rewriting.fold
     from torch.fx.experimental.optimization import fuse
 
     import normswap
 
     res: dict[str, Any] = {"notes": []}
     fns: dict[str, Callable[[], Any]] = {
-        "normswap": lambda: normswap.fold.fold(model, (x,)),  # the internal pass
+        "normswap": lambda: normswap.rewriting.fold.fold(model, (x,)),  # the internal pass
         "rewrite": lambda: normswap.rewrite(model, "fold", (x,), verify=False),  # what a user calls
         "verified": lambda: normswap.rewrite(model, "fold", (x,)),  # ... with verification, timed apart
         "fx": lambda: fuse(model),
@@ -336,16 +336,16 @@ def bench_fold(model: Any, x: Any, repeats: int) -> dict[str, Any]:
 # (file suffix, function name) → phase label; cumulative cProfile time of each
 PROFILE_PHASES = {
     "normswap": [
-        ("normswap/fold.py", "fold", "total"),
+        ("normswap/rewriting/fold.py", "fold", "total"),
         ("copy.py", "deepcopy", "deepcopy (model, + any other deepcopy)"),
-        ("normswap/capture.py", "capture", "capture (fx trace)"),
-        ("normswap/capture.py", "propagate_shapes", "shape propagation"),
-        ("normswap/sites.py", "find_sites", "find_sites"),
-        ("normswap/sites.py", "can_fold", "can_fold (plans)"),
-        ("normswap/fold.py", "_fold_into_producer", "fold into producer (weights + module copy)"),
-        ("normswap/fold.py", "fold_conv_bn_weights", "  of which fold_conv_bn_weights (float64)"),
-        ("normswap/fold.py", "_fold_into_consumer", "fold into consumer"),
-        ("normswap/passes.py", "assemble", "assemble (lint, recompile)"),
+        ("normswap/rewriting/capture.py", "capture", "capture (fx trace)"),
+        ("normswap/rewriting/capture.py", "propagate_shapes", "shape propagation"),
+        ("normswap/rewriting/sites.py", "find_sites", "find_sites"),
+        ("normswap/rewriting/sites.py", "can_fold", "can_fold (plans)"),
+        ("normswap/rewriting/fold.py", "_fold_into_producer", "fold into producer (weights + module copy)"),
+        ("normswap/rewriting/fold.py", "fold_conv_bn_weights", "  of which fold_conv_bn_weights (float64)"),
+        ("normswap/rewriting/fold.py", "_fold_into_consumer", "fold into consumer"),
+        ("normswap/rewriting/passes.py", "assemble", "assemble (lint, recompile)"),
     ],
     "fx": [
         ("fx/experimental/optimization.py", "fuse", "total"),
@@ -362,10 +362,10 @@ def profile_fold(model: Any, x: Any, runs: int = 3) -> dict[str, dict[str, float
     import cProfile
     import pstats
 
-    import normswap.fold
+    import normswap.rewriting.fold
     from torch.fx.experimental.optimization import fuse
 
-    fns = {"normswap": lambda: normswap.fold.fold(model, (x,)), "fx": lambda: fuse(model)}
+    fns = {"normswap": lambda: normswap.rewriting.fold.fold(model, (x,)), "fx": lambda: fuse(model)}
     out: dict[str, dict[str, float]] = {}
     for tool, fn in fns.items():
         best: dict[str, float] = {}
@@ -701,7 +701,7 @@ def calib_setup(name: str, size: int) -> tuple[Any, list[tuple[Any, ...]]]:
     import torch
 
     if name == "digits":
-        from normswap.data import calibration_batches
+        from normswap.load.data import calibration_batches
         from normswap.models.digits import digits_resnet
 
         return digits_resnet(), list(calibration_batches("digits", samples=256, batch=64))
@@ -721,8 +721,8 @@ def bench_calibration(name: str, targets: list[str], args: argparse.Namespace) -
     import torch
 
     import normswap
-    from normswap.calibrate import calibrate
-    from normswap.recover import recover
+    from normswap.keep.calibrate import calibrate
+    from normswap.keep.recover import recover
 
     from normswap.pipeline.conversion import run_conversion
 

@@ -129,7 +129,7 @@ def bench_recovery(model: Any, shape: tuple[int, ...], batch: int, steps: int, r
     import torch
 
     import normswap
-    from normswap.recover import recover
+    from normswap.keep.recover import recover
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, *shape, generator=g),) for _ in range(4)]
@@ -167,7 +167,7 @@ def bench_calibration(model: Any, shape: tuple[int, ...], batch: int, rounds: in
     import torch
 
     import normswap
-    from normswap.calibrate import calibrate
+    from normswap.keep.calibrate import calibrate
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(batch, *shape, generator=g),) for _ in range(4)]
@@ -219,8 +219,8 @@ def bench_workers(model: Any, shape: tuple[int, ...], images: int, batch: int, r
     import torch
 
     import normswap
-    from normswap.calibrate import calibrate
-    from normswap.data import calibration_batches
+    from normswap.keep.calibrate import calibrate
+    from normswap.load.data import calibration_batches
 
     with tempfile.TemporaryDirectory(prefix="normswap-bench-images-") as td:
         folder = make_folder(Path(td), images, shape[0])
@@ -249,7 +249,7 @@ import json, resource, sys, torch
 sys.path.insert(0, {bench_dir!r})
 from scaling import build
 import normswap
-from normswap.calibrate import calibrate
+from normswap.keep.calibrate import calibrate
 torch.set_num_threads({threads})
 dev = torch.device({device!r})
 model, shape = build({model!r}, {size}, dev)

@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     import normswap
-    from normswap.calibrate import accuracy, agreement, calibrate
+    from normswap.keep.calibrate import accuracy, agreement, calibrate
     from normswap.checks import batch_independence
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
     from normswap.models.digits import digits_resnet, load_digits
 
     torch.manual_seed(args.seed)

@@ -85,16 +85,16 @@ def vs_original(kind: str, original: nn.Module, model: nn.Module, x: torch.Tenso
 
 
 def run_one(name: str, setup: dict[str, Any], target: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Naive → calibrated → recovered for one model and target, as :func:`normswap.recover.keep_function`
+    """Naive → calibrated → recovered for one model and target, as :func:`normswap.keep.recover.keep_function`
     runs them (the calibration samples split 80/20, seeded: calibration and recovery fit the 80 %, the
     20 % is their held-out check — calibration keeps a site's previous parameters when its fit would
     worsen the loss there, recovery measures on it), each stage then measured on the test split, which
     no stage sees."""
     import normswap
-    from normswap.calibrate import calibrate
-    from normswap.data import calibration_batches
-    from normswap.heldout import split_heldout
-    from normswap.recover import recover
+    from normswap.keep.calibrate import calibrate
+    from normswap.load.data import calibration_batches
+    from normswap.keep.heldout import split_heldout
+    from normswap.keep.recover import recover
 
     original, kind = setup["model"], setup["kind"]
     x_te = setup["x_test"]

@@ -18,9 +18,9 @@ import time
 import torch
 
 import normswap
-from normswap import kinds
+from normswap.keep import kinds
 from normswap.models.pitch import heldout, pitch_cnn, tones
-from normswap.recover import keep_function
+from normswap.keep.recover import keep_function
 
 
 def main(argv: list[str]) -> dict:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-from normswap.kinds import wilson
+from normswap.keep.kinds import wilson
 
 STAGES = ("naive", "calibrated", "recovered")
 

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from rich.table import Table
 
     import normswap
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
     from normswap.models.digits import digits_resnet, load_digits
-    from normswap.recover import keep_function
+    from normswap.keep.recover import keep_function
 
     original = digits_resnet()
     heldout = load_digits("test")

@@ -37,7 +37,7 @@ from small_batch import accuracy, finetune
 
 import normswap
 from normswap.export import NORM_OP_TYPES
-from normswap.kinds import wilson
+from normswap.keep.kinds import wilson
 from normswap.models.digits import load_digits
 
 

@@ -198,15 +198,15 @@ def class_histogram(model: nn.Module, batches: list[torch.Tensor]) -> list[float
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Naive → calibrated → recovered per target, as :func:`normswap.recover.keep_function` runs them:
+    """Naive → calibrated → recovered per target, as :func:`normswap.keep.recover.keep_function` runs them:
     the fit crops are split 80/20 (seeded) — calibration and recovery fit the 80 %, the 20 % is
     calibration's never-worse check and recovery's evaluations (``--keep-best``: it ends on the best);
     every stage is then measured on the held-out crops (other pixels), which no stage sees."""
     import normswap
-    from normswap.calibrate import calibrate
-    from normswap.data import calibration_batches
-    from normswap.heldout import split_heldout
-    from normswap.recover import recover
+    from normswap.keep.calibrate import calibrate
+    from normswap.load.data import calibration_batches
+    from normswap.keep.heldout import split_heldout
+    from normswap.keep.recover import recover
 
     original = segmentation_model(args.classes, args.seed, args.size)
     data = calibration_batches(torch.cat(calib(args.samples, args.batch, args.size)), batch=args.batch)

@@ -92,8 +92,8 @@ def cell(s: dict) -> str:
 
 def sweep(args: argparse.Namespace) -> dict:
     import normswap
-    from normswap.calibrate import calibrate
-    from normswap.data import calibration_batches
+    from normswap.keep.calibrate import calibrate
+    from normswap.load.data import calibration_batches
     from normswap.models.digits import digits_resnet, load_digits
 
     original = digits_resnet()

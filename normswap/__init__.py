@@ -9,38 +9,37 @@
 
 Importing ``normswap`` is cheap: the public names below are imported from their submodules on
 first use (PEP 562), so ``import normswap`` and the CLI's ``--help`` / ``targets`` / ``version``
-never import torch. ``normswap.parity``, ``normswap.fold`` ... (any submodule) load on first access
+never import torch. ``normswap.parity``, ``normswap.rewriting`` ... (any subpackage) load on first access
 too.
+
+The packages follow the stages: ``load`` (specs, weights, calibration data, saved conversions) →
+``rewriting`` (capture, sites, fold, swap) → ``keep`` (calibrate, recover, output kinds, held-out
+split, per-sample norm fits) → ``export`` → ``parity`` (verify) → ``pipeline`` (the CLI's one entry
+per command). Each public function has one name: ``normswap.calibrate`` is the function, its package
+is ``normswap.keep.calibrate``.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("Conversion", "convert", "inspect", "load_conversion", "rewrite", "save_conversion", "targets"), "convert"),
+    **dict.fromkeys(("Conversion", "convert", "inspect", "load_conversion", "rewrite", "save_conversion", "targets"), "rewriting.convert"),
     **dict.fromkeys(("InputError", "NormswapError", "ParityError", "RewriteError"), "errors"),
     **dict.fromkeys(("ExportResult", "export_onnx"), "export"),
     **dict.fromkeys(("LoadedModel", "load_model"), "load"),
     **dict.fromkeys(("ParityResult", "check_parity"), "parity"),
-    **dict.fromkeys(("CalibrationReport", "agreement", "calibrate"), "calibrate"),
+    **dict.fromkeys(("CalibrationReport", "agreement", "calibrate"), "keep.calibrate"),
     "compare_targets": "compare",
-    "calibration_batches": "data",
-    **dict.fromkeys(("FunctionReport", "RecoveryReport", "keep_function", "recover"), "recover"),
+    "calibration_batches": "load.data",
+    **dict.fromkeys(("FunctionReport", "RecoveryReport", "keep_function", "recover"), "keep.recover"),
     **dict.fromkeys(("CheckResult", "ConversionResult", "RecoveryResult", "Verdict", "run_check", "run_comparison", "run_conversion",
                      "run_recovery"), "pipeline"),
 }
-
-#: functions named like the submodule that defines them: ``normswap.convert`` / ``.calibrate`` /
-#: ``.recover`` are the functions (as they were when this file imported everything eagerly), even
-#: after ``from normswap.recover import ...`` made the import system bind the submodule here.
-_SHADOWED = frozenset(name for name, mod in _EXPORTS.items() if name == mod)
 
 __all__ = [
     "__version__",
@@ -81,17 +80,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .calibrate import CalibrationReport, agreement, calibrate
+    from .keep.calibrate import CalibrationReport, agreement, calibrate
     from .compare import compare_targets
-    from .convert import Conversion, convert, inspect, load_conversion, rewrite, save_conversion, targets
-    from .data import calibration_batches
+    from .rewriting.convert import Conversion, convert, inspect, load_conversion, rewrite, save_conversion, targets
+    from .load.data import calibration_batches
     from .errors import InputError, NormswapError, ParityError, RewriteError
     from .export import ExportResult, export_onnx
     from .load import LoadedModel, load_model
     from .pipeline import (CheckResult, ConversionResult, RecoveryResult, Verdict, run_check, run_comparison,
                            run_conversion, run_recovery)
     from .parity import ParityResult, check_parity
-    from .recover import FunctionReport, RecoveryReport, keep_function, recover
+    from .keep.recover import FunctionReport, RecoveryReport, keep_function, recover
 
 
 def __getattr__(name: str) -> Any:
@@ -113,16 +112,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-class _Package(types.ModuleType):
-    """Importing a submodule binds it on its package (``setattr(normswap, "recover", <module>)``);
-    for the names in :data:`_SHADOWED` bind the function instead, so ``normswap.recover`` is the
-    function whichever import ran first."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

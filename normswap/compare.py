@@ -7,12 +7,12 @@ per target:
 * ``latency_vs_fold`` — onnxruntime CPU latency at batch 1 relative to the BN-folded model (each exported
   with :func:`normswap.export_onnx`; timed round-robin, best of several rounds, so load on the machine
   hits all targets alike);
-* ``agreement`` / ``rel_err`` — the output kind's quality (:mod:`normswap.kinds`: top-1 agreement for a
+* ``agreement`` / ``rel_err`` — the output kind's quality (:mod:`normswap.keep.kinds`: top-1 agreement for a
   classifier, label agreement for multilabel, R² for regression, pixel agreement for dense; all its
   measures in ``measures``) and the output relative error against the original, on held-out data
   (``heldout``, else 20% of ``calib`` held out by a seeded split — calibration fits the rest), after
   calibration when calibration data is given (else of the naive swap, on random inputs);
-* ``drift_mean`` / ``drift_max`` — the per-layer drift (:func:`normswap.calibrate.layer_drift`);
+* ``drift_mean`` / ``drift_max`` — the per-layer drift (:func:`normswap.keep.calibrate.layer_drift`);
 * ``batch_independent`` — :func:`normswap.checks.batch_independence`: in *training* mode, a sample's
   output alone vs inside a batch of 8 (dropout off), max relative difference ≤ 1e-4;
 * ``exact`` — whether the target promises the original's eval function, and the measured max relative
@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibrate import agreement_and_drift, calibrate
-from .data import as_batches
+from .keep.calibrate import agreement_and_drift, calibrate
+from .load.data import as_batches
 from .errors import InputError, NormswapError
 
 __all__ = ["BatchSweep", "CompareReport", "CompareRow", "SweepRow", "compare_targets", "DEFAULT_BATCH_SIZES", "batch_sizes_from"]
@@ -423,7 +423,7 @@ def compare_targets(
     every target that worked, on the first ``batch_samples`` samples of the held-out data (random inputs
     when there is none) → :attr:`CompareReport.batch_sweep`. ``device``: where calibration and the agreement
     measures run (a copy of ``original`` goes there; rewrites, latency and the sweep stay on the CPU)."""
-    from .convert import targets as all_targets
+    from .rewriting.convert import targets as all_targets
     from .export import export_onnx
     from .progress import NullProgress
 
@@ -443,7 +443,7 @@ def compare_targets(
     x1 = x[:1]
     kind = "held-out"
     if heldout is None and calib is not None and heldout_fraction != 0:
-        from .heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
+        from .keep.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
 
         split = split_heldout(calib, HELDOUT_FRACTION if heldout_fraction is None else heldout_fraction,
                               HELDOUT_SEED if split_seed is None else split_seed)
@@ -455,7 +455,7 @@ def compare_targets(
         heldout = [torch.randn((8, *x.shape[1:]), generator=g)]
         heldout_name, kind = "8 random inputs (no --calib: naive swaps)", "random"
     eval_data = list(as_batches(heldout))
-    from .kinds import detect
+    from .keep.kinds import detect
 
     outputs = detect(original, eval_data, output_kind, max_batches=1)
     rep = CompareReport(model=model_name, input_shape=list(x.shape), evaluated_on=heldout_name or "held-out data",
@@ -540,7 +540,7 @@ def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, k
     """Rewrite to target ``t`` and measure it (its model goes into ``models`` for the timing); None for
     the fold latency reference the caller did not ask for."""
     from .checks import batch_independence
-    from .convert import rewrite
+    from .rewriting.convert import rewrite
 
     row = CompareRow(target=t)
     try:

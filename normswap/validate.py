@@ -19,7 +19,7 @@ from normswap.errors import InputError
 __all__ = ["options", "output_paths", "positive_int", "non_negative_int", "finite_positive", "input_size", "spec_path",
            "device_name", "amp_name", "image_size", "float_list", "crop_fraction", "runtime_options"]
 
-# the files `--save DIR` writes (normswap.saved); an output or input naming one of them collides
+# the files `--save DIR` writes (normswap.load.saved); an output or input naming one of them collides
 SAVED_FILES = ("conversion.json", "model.safetensors")
 
 

@@ -53,7 +53,7 @@ def swap_digits(original: nn.Module, to: str, **kw):
 def check_fold(model: nn.Module, x: torch.Tensor, tol: float = 1e-5):
     """Fold ``model`` (put in eval mode) on ``(x,)``: the folded model reproduces it within ``tol``
     (relative to the output scale) and the caller's model is left untouched. Returns the pass result."""
-    from normswap.fold import fold
+    from normswap.rewriting.fold import fold
 
     model = model.eval()
     snap = snapshot(model)

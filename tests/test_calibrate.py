@@ -1,4 +1,4 @@
-"""Calibration data loading and the calibrated swap (normswap.data, normswap.calibrate)."""
+"""Calibration data loading and the calibrated swap (normswap.load.data, normswap.calibrate)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import normswap
-from normswap.calibrate import LOW_R2, agreement, calibrate, layer_drift
-from normswap.data import CalibrationData, calibration_batches, shard
+from normswap.keep.calibrate import LOW_R2, agreement, calibrate, layer_drift
+from normswap.load.data import CalibrationData, calibration_batches, shard
 from normswap.errors import InputError
 from normswap.models.digits import digits_resnet, load_digits
 from tests.helpers import swap_digits
@@ -134,7 +134,7 @@ def test_shard_is_a_partition():
 
 
 def test_rebatched_regroups_samples_in_order():
-    from normswap.data import Rebatched
+    from normswap.load.data import Rebatched
 
     x, lab = torch.arange(13.0).reshape(13, 1), torch.arange(13)
     src = [(x[:5], lab[:5]), (x[5:10], lab[5:10]), (x[10:], lab[10:])]
@@ -197,7 +197,7 @@ def test_single_site_fit_is_the_least_squares_solution():
 def test_moments_against_float64_and_additive_over_shards(shape):
     """The per-sample-then-float64 sums equal a float64 reference, do not depend on the scratch buffer
     or on precomputed sums of the last column, and add up exactly over a split of the batch."""
-    from normswap.calibrate import _moments, _Scratch, _self_moments
+    from normswap.keep.calibrate import _moments, _Scratch, _self_moments
 
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(shape, generator=g), torch.randn(shape, generator=g) * 3 + 1
@@ -214,7 +214,7 @@ def test_moments_against_float64_and_additive_over_shards(shape):
 
 
 def test_fitted_output_is_written_in_place_only_into_a_fresh_tensor():
-    from normswap.calibrate import _Fit
+    from normswap.keep.calibrate import _Fit
 
     fit = _Fit("n", nn.GroupNorm(1, 4), "affine", False, None)
     fit.theta = torch.tensor([[2.0, 1.0]] * 4, dtype=torch.float64)
@@ -459,7 +459,7 @@ def test_timm_norm_act_site_fits_the_pre_activation():
         m.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(24, 3, 6, 6)
     conv = normswap.rewrite(m, "gn", (x[:2],), groups=4)
-    from normswap.layers import NormAct
+    from normswap.rewriting.layers import NormAct
 
     assert isinstance(conv.model.bn, NormAct)
     rep = calibrate(m, conv, [x[:12], x[12:]], readout=False)
@@ -495,7 +495,7 @@ def test_inplace_relu_after_the_bn_does_not_change_what_is_fitted():
     """The teacher's BN output is read after its whole forward; an in-place ReLU has overwritten it by
     then. Calibration, drift and feature-matching recovery must see the BN's output, exactly as with
     an out-of-place ReLU."""
-    from normswap.recover import recover
+    from normswap.keep.recover import recover
 
     torch.manual_seed(0)
     plain = _ConvBnRelu(inplace=False).eval()

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import normswap
-from normswap.calibrate import calibrate
-from normswap.calibrate.advice import AdviceTap
-from normswap.calibrate.never_worse import per_sample_loss
-from normswap.calibrate.paired import MARGIN, Z, from_sums, paired, paired_sums
+from normswap.keep.calibrate import calibrate
+from normswap.keep.calibrate.advice import AdviceTap
+from normswap.keep.calibrate.never_worse import per_sample_loss
+from normswap.keep.calibrate.paired import MARGIN, Z, from_sums, paired, paired_sums
 from normswap.errors import InputError
-from normswap.kinds import outputs_for
+from normswap.keep.kinds import outputs_for
 from normswap.models.digits import load_digits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -74,7 +74,7 @@ def test_per_sample_losses_average_to_the_kinds_batch_loss(kind, make):
 
 
 def test_the_reported_cost_is_the_stage_wall_time_split_into_parts(original):
-    from normswap.recover import keep_function
+    from normswap.keep.recover import keep_function
 
     data = normswap.calibration_batches("digits", samples=160, batch=32)
     conv = normswap.rewrite(original, "gn", (torch.zeros(2, 1, 8, 8),))
@@ -126,7 +126,7 @@ def test_check_false_keeps_every_fit_and_still_measures_both(original):
 def test_advice_keeps_few_samples_within_its_memory_budget(monkeypatch):
     import importlib
 
-    advice = importlib.import_module("normswap.calibrate.advice")  # (normswap.calibrate is also a function)
+    advice = importlib.import_module("normswap.keep.calibrate.advice")  # (normswap.calibrate is also a function)
 
     one = 2 * 8 * 4 * 4 * 4  # x and y of one [8, 4, 4] float32 sample
     monkeypatch.setattr(advice, "ADVICE_BYTES", 3 * one)  # 3 samples over 2 GroupNorm sites: 1 each
@@ -163,7 +163,7 @@ def test_rewrite_without_verify_does_not_run_the_original():
 
 
 def test_bad_example_inputs_are_an_input_error_up_front():
-    from normswap.convert import check_example_inputs
+    from normswap.rewriting.convert import check_example_inputs
     from normswap.pipeline.conversion import run_conversion
 
     m = _Counting().eval()

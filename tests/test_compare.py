@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import normswap
-from normswap.calibrate import agreement
+from normswap.keep.calibrate import agreement
 from normswap.checks import batch_independence
 from normswap.compare import compare_targets
-from normswap.data import calibration_batches
+from normswap.load.data import calibration_batches
 from normswap.errors import InputError
 from normswap.models.digits import load_digits
 

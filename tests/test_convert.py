@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import normswap
-import normswap.fold as fold_mod
+import normswap.rewriting.fold as fold_mod
 from tests.helpers import randomize_bn, rel_err, same_state, snapshot
 
 

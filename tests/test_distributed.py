@@ -15,10 +15,10 @@ SAMPLES, BATCH = 96, 32
 
 
 def _calibrate_all(out: Path, rank: int) -> None:
-    from normswap.calibrate import calibrate
-    from normswap.data import calibration_batches
+    from normswap.keep.calibrate import calibrate
+    from normswap.load.data import calibration_batches
     from normswap.models.digits import digits_resnet
-    from normswap.recover import recover
+    from normswap.keep.recover import recover
     from tests.helpers import swap_digits
 
     original = digits_resnet()

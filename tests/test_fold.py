@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normswap
-from normswap.fold import (
+from normswap.rewriting.fold import (
     bn_scale_shift,
     fold,
     fold_bn_into_conv_input,
     fold_conv_bn_weights,
 )
-from normswap.layers import ChannelAffine
+from normswap.rewriting.layers import ChannelAffine
 from tests.helpers import check_fold, count_bn, randomize_bn, rel_err
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from normswap.layers import ChannelAffine
-from normswap.reparam import merge_parallel_convs
+from normswap.rewriting.layers import ChannelAffine
+from normswap.rewriting.reparam import merge_parallel_convs
 from tests.helpers import check_fold, count_bn, randomize_bn
 
 timm = pytest.importorskip("timm")

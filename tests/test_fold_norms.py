@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from normswap.capture import capture
+from normswap.rewriting.capture import capture
 from normswap.errors import InputError, RewriteError
-from normswap.fold import fold
-from normswap.layers import FittedAffine, NormAct
-from normswap.norm_fit import affine_model, fit_norm_affines, norm_site_names
-from normswap.norm_sites import norm_family
-from normswap.sites import NEEDS_CALIBRATION, find_sites
+from normswap.rewriting.fold import fold
+from normswap.rewriting.layers import FittedAffine, NormAct
+from normswap.keep.norm_fit import affine_model, fit_norm_affines, norm_site_names
+from normswap.rewriting.norm_sites import norm_family
+from normswap.rewriting.sites import NEEDS_CALIBRATION, find_sites
 
 from .helpers import check_fold, same_state, snapshot
 
@@ -51,7 +51,7 @@ def _all_norms() -> nn.Module:
 
 
 def test_site_search_finds_every_norm_family_and_inspect_says_it_needs_data():
-    from normswap.convert import inspect
+    from normswap.rewriting.convert import inspect
 
     m = _all_norms()
     sites = find_sites(capture(m), every_norm=True)
@@ -67,7 +67,7 @@ def test_site_search_finds_every_norm_family_and_inspect_says_it_needs_data():
 
 def test_without_calibration_a_norm_only_model_is_refused_not_passed():
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU()).eval()
-    from normswap.convert import rewrite
+    from normswap.rewriting.convert import rewrite
 
     with pytest.raises(RewriteError, match="needs calibration data"):
         rewrite(m, "fold", (torch.randn(2, 3, 6, 6),))
@@ -229,7 +229,7 @@ def test_a_saved_conversion_of_another_model_is_not_built_from_its_record(tmp_pa
 
     from normswap.errors import InputError
     from normswap.pipeline import run_conversion
-    from normswap.saved import CONVERSION_JSON
+    from normswap.load.saved import CONVERSION_JSON
 
     saved = tmp_path / "gnws"
     assert run_conversion(to="gn-ws", calib="digits", calib_samples=128, save=saved).exit_code == 0

@@ -15,7 +15,7 @@ import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-pytest.importorskip("normswap.kinds")
+pytest.importorskip("normswap.keep.kinds")
 
 
 def _example(name: str):

@@ -1,4 +1,4 @@
-"""Output kinds (normswap.kinds), the readout refit through a link, held-out splits and calibration's
+"""Output kinds (normswap.keep.kinds), the readout refit through a link, held-out splits and calibration's
 held-out never-worse check (issue 12)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import normswap
-from normswap import kinds
-from normswap.calibrate import agreement, calibrate
+from normswap.keep import kinds
+from normswap.keep.calibrate import agreement, calibrate
 from normswap.errors import InputError
-from normswap.heldout import split_heldout
+from normswap.keep.heldout import split_heldout
 from normswap.models.digits import load_digits
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
@@ -195,7 +195,7 @@ def test_readout_refit_through_sigmoid_recovers_a_known_linear():
 
 
 def test_readout_through_softmax_and_pointwise_conv_and_the_reason_when_none():
-    from normswap.calibrate.readout import LINKS, _ReadoutProbe
+    from normswap.keep.calibrate.readout import LINKS, _ReadoutProbe
 
     class Seg(nn.Module):
         def __init__(self) -> None:
@@ -289,7 +289,7 @@ def multilabel_model():
 
 
 def test_keep_function_on_a_sigmoid_model_holds_out_and_measures_its_kind(multilabel_model):
-    from normswap.recover import keep_function
+    from normswap.keep.recover import keep_function
 
     m = multilabel_model
     data = normswap.calibration_batches(load_digits("train")[0][:320], batch=64)

@@ -86,7 +86,7 @@ def test_multilabel_is_genuinely_multilabel_and_has_bn_after_relu_pool():
 
 @pytest.mark.parametrize("name,kind", [("multilabel", "multilabel"), ("regression", "regression")])
 def test_output_kind_is_what_the_model_declares(name, kind):
-    kinds = pytest.importorskip("normswap.kinds")
+    kinds = pytest.importorskip("normswap.keep.kinds")
     mod, build, _ = MODELS[name]
     model = build()
     x = mod.calib()[0]
@@ -125,7 +125,7 @@ def test_regression_transforms_are_seeded_per_split():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_calib_callable_loads_as_calibration_data(name):
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
 
     mod, _, cls = MODELS[name]
     data = calibration_batches(f"normswap.models.{name}:calib", batch=64, samples=128)

@@ -104,7 +104,7 @@ def test_recover_keeps_a_better_saved_conversion(tmp_path, monkeypatch):
     saved = tmp_path / "gn"
     run_conversion(None, "gn", calib="digits", calib_samples=128, save=saved)
     before = (saved / "model.safetensors").read_bytes()
-    rec_mod = sys.modules["normswap.recover"]
+    rec_mod = sys.modules["normswap.keep.recover"]
     real = rec_mod.recover
 
     def ruinous(teacher, student, batches, **kw):  # a "recovery" that makes the model worse
@@ -130,9 +130,9 @@ def test_null_progress_is_silent():
 
 def test_recovery_ends_on_its_best_held_out_step():
     import normswap
-    from normswap.calibrate import agreement
+    from normswap.keep.calibrate import agreement
     from normswap.models.digits import load_digits
-    from normswap.recover import recover
+    from normswap.keep.recover import recover
 
     original = normswap.load_model(None).model
     conv = normswap.rewrite(original, "gn", (torch.randn(1, 1, 8, 8),))

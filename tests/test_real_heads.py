@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import normswap
-from normswap import kinds
+from normswap.keep import kinds
 from normswap.errors import InputError, NonFiniteError
-from normswap.heldout import compare_losses
+from normswap.keep.heldout import compare_losses
 from normswap.models.pitch import BIN_CENTS, decode, pitch_cnn, targets, tones
 
 
@@ -127,7 +127,7 @@ def test_wilson_interval_matches_the_formula_and_measures_carry_it():
 def test_ground_truth_figures_carry_their_interval_when_they_are_proportions():
     from rich.console import Console
 
-    from normswap.recover.report import FunctionReport, StageMetrics
+    from normswap.keep.recover.report import FunctionReport, StageMetrics
 
     def report(kind: str) -> FunctionReport:
         outs = kinds.outputs_for(torch.rand(8, 360), kind)
@@ -160,9 +160,9 @@ def test_paired_loss_comparison_calls_a_difference_only_beyond_its_noise():
 
 
 def test_recovery_keeps_the_last_weights_unless_an_earlier_evaluation_is_better_beyond_noise(tmp_path):
-    from normswap.calibrate import calibrate
+    from normswap.keep.calibrate import calibrate
     from normswap.models.digits import digits_resnet, load_digits
-    from normswap.recover import recover
+    from normswap.keep.recover import recover
 
     original = digits_resnet()
     x, _ = load_digits("test")
@@ -211,7 +211,7 @@ def test_a_callable_yielding_the_wrong_shape_is_exit_2_with_both_shapes(tmp_path
 
 
 def test_a_stage_that_turns_the_model_non_finite_is_named_and_never_written():
-    from normswap.recover import check_finite_model
+    from normswap.keep.recover import check_finite_model
 
     m = torch.nn.Sequential(torch.nn.Linear(3, 3))
     check_finite_model(m, "calibration")

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import normswap
-from normswap.calibrate import accuracy, agreement, calibrate
-from normswap.data import calibration_batches
+from normswap.keep.calibrate import accuracy, agreement, calibrate
+from normswap.load.data import calibration_batches
 from normswap.errors import InputError
 from normswap.models.digits import load_digits
 from tests.helpers import same_state, snapshot, swap_digits
-from normswap.recover import STATE_FILE, keep_function, recover
+from normswap.keep.recover import STATE_FILE, keep_function, recover
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
@@ -226,7 +226,7 @@ def test_augmentation_noise_is_scaled_to_the_batch_and_seeded():
     """The augmentation's Gaussian noise has ``noise`` × the batch's standard deviation (identical
     samples, so mixup changes nothing and no shift: what is left is the noise), and the global seed
     fixes it."""
-    from normswap.recover import _augment
+    from normswap.keep.recover import _augment
 
     x = (torch.arange(64.0).reshape(1, 1, 8, 8) / 64).repeat(512, 1, 1, 1)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Saved conversions are data, not code (normswap.saved): no spec is run without trust, the record is
+"""Saved conversions are data, not code (normswap.load.saved): no spec is run without trust, the record is
 validated, the weights must match its hash, the directory is written atomically with the umask's
 permissions, SIGKILL leftovers are cleaned, and recovery resumes only the same conversion."""
 
@@ -16,8 +16,8 @@ import torch
 
 import normswap
 from normswap.atomic import atomic_write_text, default_file_mode, staging_dir
-from normswap.recover import STATE_FILE, recover
-from normswap.saved import CONVERSION_JSON, WEIGHTS_FILE, read_record
+from normswap.keep.recover import STATE_FILE, recover
+from normswap.load.saved import CONVERSION_JSON, WEIGHTS_FILE, read_record
 
 from .helpers import rel_err, same_state, snapshot
 
@@ -269,7 +269,7 @@ def test_sigkill_leftovers_are_cleaned_on_the_next_write(original, tmp_path):
 
 
 def test_recovery_resumes_only_the_same_conversion(original, saved):
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
 
     data = calibration_batches("digits", samples=32, batch=16)
     ck = saved / "recover-checkpoints"
@@ -292,7 +292,7 @@ def test_recovery_resumes_only_the_same_conversion(original, saved):
 
 
 def test_corrupt_checkpoint_is_an_input_error(original, saved):
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
 
     data = calibration_batches("digits", samples=32, batch=16)
     ck = saved / "recover-checkpoints"

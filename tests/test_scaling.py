@@ -141,7 +141,7 @@ def test_devices_resolve_and_refuse():
 
 
 def test_odd_folder_is_read_as_documented(odd_folder):
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
 
     data = calibration_batches(odd_folder, batch=4, size=32, crop=0.875, mean=(0.5,), std=(0.25,))
     xs = torch.cat([b[0] for b in data])
@@ -156,7 +156,7 @@ def test_odd_folder_is_read_as_documented(odd_folder):
 
 
 def test_workers_give_the_same_batches(odd_folder):
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
 
     zero = [b[0] for b in calibration_batches(odd_folder, batch=3, size=24)]
     two = calibration_batches(odd_folder, batch=3, size=24, workers=2)
@@ -173,7 +173,7 @@ def test_workers_give_the_same_batches(odd_folder):
 
 
 def test_unreadable_folder_is_refused_in_one_line(tmp_path):
-    from normswap.data import calibration_batches
+    from normswap.load.data import calibration_batches
     from normswap.errors import InputError
 
     (tmp_path / "a.jpg").write_text("not a jpeg")
@@ -187,7 +187,7 @@ def test_unreadable_folder_is_refused_in_one_line(tmp_path):
 def test_preprocessing_defaults_name_their_source():
     from torchvision.models import resnet18
 
-    from normswap.images import preprocess_for
+    from normswap.load.images import preprocess_for
 
     tv = preprocess_for(resnet18(), spec="torchvision.models:resnet18")
     assert tv.size == (224, 224) and tv.resize == 256 and tv.mean == pytest.approx((0.485, 0.456, 0.406))
@@ -205,8 +205,8 @@ def test_preprocessing_defaults_name_their_source():
 
 @pytest.mark.parametrize("n,batch,world", [(1, 1, 2), (7, 3, 2), (10, 4, 3), (33, 8, 4), (5, 8, 8), (64, 64, 2)])
 def test_sharded_sampler_covers_every_sample_once(n, batch, world):
-    from normswap.data import shard
-    from normswap.images import ShardedBatchSampler
+    from normswap.load.data import shard
+    from normswap.load.images import ShardedBatchSampler
 
     per_rank = [list(ShardedBatchSampler(n, batch, r, world)) for r in range(world)]
     flat = [i for rank in per_rank for b in rank for i in b]
@@ -223,9 +223,9 @@ def test_sharded_sampler_covers_every_sample_once(n, batch, world):
 @pytest.mark.parametrize("amp", ["bf16", pytest.param("fp16", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="fp16 autocast is a GPU precision (on the CPU it is slow and not what users run)"))])
 def test_recovery_under_autocast(original, amp):
-    from normswap.calibrate import calibrate
-    from normswap.data import calibration_batches
-    from normswap.recover import recover
+    from normswap.keep.calibrate import calibrate
+    from normswap.load.data import calibration_batches
+    from normswap.keep.recover import recover
     from tests.helpers import swap_digits
 
     import copy

@@ -131,23 +131,32 @@ def test_python_m_normswap_falls_back_to_the_source_tree():
 
 def test_lazy_package_keeps_its_public_names():
     """In a fresh interpreter: ``import normswap`` imports no torch; every public name resolves;
-    normswap.convert / .calibrate / .recover stay the functions (not the submodules they live in)
-    whatever was imported first; submodules resolve as attributes; dir() lists the public names."""
+    normswap.convert / .calibrate / .recover are only the functions (their modules live in the stage
+    packages, so a name means one thing and ``import normswap.keep.calibrate.readout`` works);
+    submodules resolve as attributes; dir() lists the public names."""
     code = """
 import sys, types
 import normswap
 assert 'torch' not in sys.modules
 assert normswap.__version__ and isinstance(normswap.__all__, list)
-from normswap.recover import DEFAULT_LR       # binds the submodule on the package first ...
-import normswap.calibrate, normswap.convert
-for name in ('recover', 'calibrate', 'convert'):
+from normswap.keep.recover import DEFAULT_LR
+import normswap.keep.calibrate.readout, normswap.rewriting.convert
+for name, home in (('recover', 'normswap.keep.recover'), ('calibrate', 'normswap.keep.calibrate'),
+                   ('convert', 'normswap.rewriting.convert')):
     f = getattr(normswap, name)
-    assert callable(f) and not isinstance(f, types.ModuleType), (name, f)  # ... the function wins
-    assert f is getattr(sys.modules['normswap.' + name], name)
+    assert callable(f) and not isinstance(f, types.ModuleType), (name, f)
+    assert f is getattr(sys.modules[home], name)
+    assert 'normswap.' + name not in sys.modules, name  # no module of the function's name
+try:
+    import normswap.calibrate.readout
+except ImportError:
+    pass
+else:
+    raise AssertionError('normswap.calibrate is a function, not a package')
 from normswap import convert, inspect, recover, check_parity, targets
-assert convert is normswap.convert and recover is normswap.recover and inspect.__module__ == 'normswap.convert'
+assert convert is normswap.convert and recover is normswap.recover and inspect.__module__ == 'normswap.rewriting.convert'
 assert normswap.parity.DEFAULT_ATOL == normswap.defaults.DEFAULT_ATOL
-assert isinstance(normswap.compare, types.ModuleType) and isinstance(normswap.fold, types.ModuleType)
+assert isinstance(normswap.compare, types.ModuleType) and all(isinstance(getattr(normswap, p), types.ModuleType) for p in ('rewriting', 'keep', 'load'))
 from normswap import validate
 assert isinstance(validate, types.ModuleType)
 assert all(hasattr(normswap, n) for n in normswap.__all__)

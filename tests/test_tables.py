@@ -20,7 +20,7 @@ from normswap.parity import (
     ParityResult,
     compare,
 )
-from normswap.recover import FunctionReport, RecoveryReport, StageMetrics
+from normswap.keep.recover import FunctionReport, RecoveryReport, StageMetrics
 from normswap.report import sites_table
 
 NAN_NOTE = "the original model itself outputs NaN (4 of 4 values) on these inputs: fix the model or its weights"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from normswap.fold import bake_ws_weight, fold
+from normswap.rewriting.fold import bake_ws_weight, fold
 from normswap.norms.ws import WSConv1d, WSConv2d, standardize
 
 

@@ -77,7 +77,7 @@ class MultiLabelCNN(nn.Module):
 
     #: The input shape normswap uses to trace / export / check parity on this model.
     normswap_input_shape = (1, 1, 8, 8)
-    #: What the output is (:mod:`normswap.kinds`): independent sigmoid probabilities.
+    #: What the output is (:mod:`normswap.keep.kinds`): independent sigmoid probabilities.
     normswap_output_kind = "multilabel"
 
     def __init__(self, num_labels: int = len(ATTRIBUTES)) -> None:

@@ -155,7 +155,7 @@ def decode(out: torch.Tensor) -> torch.Tensor:
 
 decode.tolerance = TOLERANCE  # type: ignore[attr-defined]  # cents: what counts as the same pitch
 decode.unit = "cents"  # type: ignore[attr-defined]
-#: what a user reads from the output (:mod:`normswap.kinds`): the pitch in cents, the same within 50 cents
+#: what a user reads from the output (:mod:`normswap.keep.kinds`): the pitch in cents, the same within 50 cents
 PitchCNN.normswap_decode = staticmethod(decode)  # type: ignore[attr-defined]
 
 

@@ -64,7 +64,7 @@ class RegressionCNN(nn.Module):
     """
 
     normswap_input_shape = (1, 1, 16, 16)
-    #: What the output is (:mod:`normswap.kinds`): real values — [N, 2] unbounded would otherwise be
+    #: What the output is (:mod:`normswap.keep.kinds`): real values — [N, 2] unbounded would otherwise be
     #: detected as class logits.
     normswap_output_kind = "regression"
 

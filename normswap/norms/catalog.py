@@ -41,7 +41,7 @@ class TargetInfo:
     summary: str
     exact: bool  #: reproduces the original eval function before any training
     batch_independent: bool  #: a sample's output does not depend on the rest of the batch, in training too
-    module: str  #: where it is defined (``normswap.norms.group``; ``normswap.fold`` for fold)
+    module: str  #: where it is defined (``normswap.norms.group``; ``normswap.rewriting.fold`` for fold)
 
 
 #: ``fold`` is not a norm target (it removes the BN): the one --to value outside the registry
@@ -50,7 +50,7 @@ FOLD = TargetInfo(
     summary="fold eval BatchNorm into the neighbouring Conv/ConvTranspose/Linear",
     exact=True,
     batch_independent=True,
-    module="normswap.fold",
+    module="normswap.rewriting.fold",
 )
 
 

@@ -1,6 +1,6 @@
 """The norm registry: CLI name -> how to replace one BatchNorm site.
 
-The swap pass (``normswap/swap.py``) finds BatchNorm sites, describes each one as a :class:`SwapSite`,
+The swap pass (``normswap/rewriting/swap.py``) finds BatchNorm sites, describes each one as a :class:`SwapSite`,
 asks ``target.can_swap(site)`` (``None`` = OK, else the one-line reason it refuses) and then
 ``target.build(site)``, which returns a :class:`SwapBuild`: the module that replaces the BN and, for
 targets that also reparameterize the producing conv/linear (``gn-ws``, ``wn``), its replacement.

@@ -52,7 +52,7 @@ def run_comparison(
     chosen the same way, the report written last. ``batch_sizes`` / ``batch_samples``: the batch-size
     sweep (passed through); ``plot``: its PNG, written with the report. ``heldout`` (``--heldout DATA``):
     the held-out data every quality number is measured on (default: the model's known held-out set, else
-    20% of the calibration data, seeded); ``output_kind``: see :mod:`normswap.kinds`;
+    20% of the calibration data, seeded); ``output_kind``: see :mod:`normswap.keep.kinds`;
     ``latency_budget``: the recommendation's limit, × the folded model's latency (default 2.0).
     ``device``: where calibration and the agreement measures run (:mod:`normswap.pipeline.runtime`; the
     rewrites, ONNX latency and the batch sweep stay on the CPU); ``workers``, ``size``, ``crop``, ``mean``,
@@ -67,7 +67,7 @@ def run_comparison(
     if not names:
         raise InputError("--targets is empty; e.g. --targets fold,gn-ws,ln,sn")
     validate.options(groups=groups, calib_samples=calib_samples, calib_batch=calib_batch, runs=runs, threads=threads)
-    from normswap.heldout import check_options
+    from normswap.keep.heldout import check_options
 
     check_options(output_kind, heldout, calib, decode, decode_tol)
     validate.runtime_options(device=device, workers=workers, size=size, crop=crop, mean=mean, std=std, calib=calib)
@@ -95,14 +95,14 @@ def run_comparison(
     data = heldout = hname = None
     if calib is not None:
         data = run.batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model, spec=loaded.spec)
-        from normswap.heldout import heldout_data
+        from normswap.keep.heldout import heldout_data
 
         heldout, hname = heldout_data(heldout, model, loaded, batch=calib_batch, **run.loader(loaded.spec))
         if isinstance(heldout, tuple) and len(heldout) == 2:  # labelled (x, y): the inputs
             hx = heldout[0]
             heldout = [(hx[i:i + 256],) for i in range(0, len(hx), 256)]
     if data is not None and (decode is not None or decode_tol is not None):
-        from normswap.kinds import detect
+        from normswap.keep.kinds import detect
 
         output_kind = detect(loaded.model, heldout if heldout is not None else data, output_kind, max_batches=1,
                              decode=decode, decode_tol=decode_tol)

@@ -188,7 +188,7 @@ def run_conversion(
     (:mod:`normswap.pipeline.image_lists`).
     ``device`` (``auto`` = the GPU when there is one) and ``amp`` (``bf16``/``fp16``, recovery only): where
     calibration and recovery run; ``workers``, ``size``, ``crop``, ``mean``, ``std``: how an image folder
-    given to ``calib`` is read (:mod:`normswap.images`); see :mod:`normswap.pipeline.runtime`.
+    given to ``calib`` is read (:mod:`normswap.load.images`); see :mod:`normswap.pipeline.runtime`.
     """
     import torch
 
@@ -208,7 +208,7 @@ def run_conversion(
     if (fold_norms is not None or max_drop is not None) and (to != "fold" or calib is None):
         raise InputError("--fold-norms / --max-drop choose which per-sample norms --to fold replaces by fitted affines: "
                          "use them with --to fold --calib DATA")
-    from normswap.heldout import check_options
+    from normswap.keep.heldout import check_options
 
     check_options(output_kind, heldout, calib, decode, decode_tol)  # --output-kind, --heldout (with --calib)
     half = _parse_dtype(dtype)
@@ -276,8 +276,8 @@ def run_conversion(
 
     fitted = None
     if to == "fold" and calib is not None:  # per-sample norms → fitted affines (then folded exactly below)
-        from normswap.data import calibration_batches
-        from normswap.heldout import heldout_data
+        from normswap.load.data import calibration_batches
+        from normswap.keep.heldout import heldout_data
 
         from .fold_norms import DEFAULT_MAX_DROP, fit_and_choose
 
@@ -292,7 +292,7 @@ def run_conversion(
             seconds["fit norms"] = time.perf_counter() - t
         original = fitted.model  # what the fold must reproduce exactly (and parity checks it against)
 
-    from normswap.convert import check_example_inputs, rewrite
+    from normswap.rewriting.convert import check_example_inputs, rewrite
 
     with progress.stage("rewrite", detail=f"--to {to}"):
         t = time.perf_counter()
@@ -308,13 +308,13 @@ def run_conversion(
 
     kept = runtime = None
     if calib is not None and to != "fold":
-        from normswap.recover import keep_function
+        from normswap.keep.recover import keep_function
 
         from .runtime import runtime_for
 
         run = runtime_for(device, amp, workers, size=size, crop=crop, mean=mean, std=std)
         data = run.batches(calib, samples=calib_samples, batch=calib_batch, model=loaded.model, spec=loaded.spec)
-        from normswap.heldout import heldout_data
+        from normswap.keep.heldout import heldout_data
 
         # --heldout DATA, else the held-out set normswap knows, else keep_function holds out 20% of the data
         held, hname = heldout_data(heldout, model, loaded, batch=calib_batch, **run.loader(loaded.spec))
@@ -399,12 +399,12 @@ def run_conversion(
             why = "nothing was compared" if verdict.word == "NOTHING COMPARED" else "parity failed"
             result.notes.append(f"{why}: {onnx} was not written (pass --keep-failed to write it anyway)")
     if save is not None:  # before the drift plot, which may go into the same (new) directory
-        from normswap.saved import save_conversion
+        from normswap.load.saved import save_conversion
 
         save_conversion(conv, save)
         result.outputs["save"] = str(save)
     if kept is not None and plot is not None:
-        from normswap.recover import save_drift_plot
+        from normswap.keep.recover import save_drift_plot
 
         kept.plot = str(save_drift_plot(kept, plot))
     if report is not None:

@@ -2,7 +2,7 @@
 
 The stage before the fold pass (which then folds every fitted affine exactly, like an eval BatchNorm):
 
-1. **fit** every per-sample norm site (:func:`normswap.norm_fit.fit_norm_affines`) on the calibration part;
+1. **fit** every per-sample norm site (:func:`normswap.keep.norm_fit.fit_norm_affines`) on the calibration part;
 2. **cost**: per site, the held-out quality drop (the output kind's primary measure against the original)
    of the original with *only that site* replaced by its open-loop affine;
 3. **front**: sites replaced cumulatively, cheapest first, each prefix fitted closed loop (step 5) with
@@ -167,7 +167,7 @@ class FoldNormsReport:
 
 
 def _count(data: Any) -> int | None:
-    from normswap.data import as_batches
+    from normswap.load.data import as_batches
 
     try:
         return sum(int(b[0].shape[0]) for b in as_batches(data))
@@ -180,12 +180,12 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
                    recover_steps: int = 0, recover_batch: int | None = None, seed: int = 0, lr: float | None = None,
                    progress: Any = None) -> FoldNormsReport:
     """Steps 1–6 of the module docstring on ``original`` (never changed); see :class:`FoldNormsReport`."""
-    from normswap.calibrate import agreement
-    from normswap.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
-    from normswap.kinds import detect
-    from normswap.norm_fit import affine_model, fit_norm_affines, norm_site_names
-    from normswap.recover.keep import _split_eval
-    from normswap.recover.report import StageMetrics
+    from normswap.keep.calibrate import agreement
+    from normswap.keep.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
+    from normswap.keep.kinds import detect
+    from normswap.keep.norm_fit import affine_model, fit_norm_affines, norm_site_names
+    from normswap.keep.recover.keep import _split_eval
+    from normswap.keep.recover.report import StageMetrics
 
     mode = parse_fold_norms(fold_norms)
     check_max_drop(max_drop)
@@ -266,7 +266,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
     stage("calibrated", rep.model)
     if recover_steps:
         from normswap.defaults import DEFAULT_LR
-        from normswap.recover import recover
+        from normswap.keep.recover import recover
 
         t = time.perf_counter()
         rep.recovery = recover(original, rep.model, calib, steps=recover_steps, lr=DEFAULT_LR if lr is None else lr,

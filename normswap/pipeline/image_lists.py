@@ -113,7 +113,7 @@ def load_samples(samples: Any, shape: Sequence[int], *, model: Any = None, detec
     import torch
 
     if isinstance(samples, (str, Path)) and Path(samples).expanduser().is_dir():
-        from normswap.data import calibration_batches
+        from normswap.load.data import calibration_batches
 
         c = int(shape[-3]) if len(shape) >= 3 else 3
         norm = {"mean": (0.0,) * c, "std": (1.0,) * c} if detector else {}

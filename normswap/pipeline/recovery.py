@@ -121,14 +121,14 @@ def run_recovery(
     model, or the spec the record names only with ``trust_spec`` (a saved directory is data).
     ``heldout`` (``--heldout DATA``): the held-out data; default: the model's known held-out set, else
     20% of the calibration data (seeded split; recovery trains on the rest). ``output_kind``: see
-    :mod:`normswap.kinds` (default: detected). ``device``, ``amp``, ``workers``, ``size``, ``crop``, ``mean``,
+    :mod:`normswap.keep.kinds` (default: detected). ``device``, ``amp``, ``workers``, ``size``, ``crop``, ``mean``,
     ``std``: where recovery runs and how an image folder is read (:mod:`normswap.pipeline.runtime`)."""
     from normswap import validate
-    from normswap.calibrate import accuracy, agreement
+    from normswap.keep.calibrate import accuracy, agreement
     from normswap.defaults import DEFAULT_TEMPERATURE
     from normswap.errors import InputError
-    from normswap.recover import recover
-    from normswap.saved import load_conversion, read_record, save_conversion, untrusted_spec_message, uses_bundled_model
+    from normswap.keep.recover import recover
+    from normswap.load.saved import load_conversion, read_record, save_conversion, untrusted_spec_message, uses_bundled_model
 
     saved_dir = Path(saved_dir)
     progress = progress or NullProgress()
@@ -136,7 +136,7 @@ def run_recovery(
     validate.options(steps=steps, calib_samples=calib_samples, calib_batch=calib_batch, recover_batch=recover_batch, lr=lr,
                      temperature=temperature, feature_weight=feature_weight, checkpoint_every=checkpoint_every,
                      target_agreement=target_agreement)
-    from normswap.heldout import check_options
+    from normswap.keep.heldout import check_options
 
     check_options(output_kind, heldout, calib, decode, decode_tol)
     validate.runtime_options(device=device, amp=amp, workers=workers, size=size, crop=crop, mean=mean, std=std,
@@ -174,8 +174,8 @@ def run_recovery(
                 f"the original model for {saved_dir} builds random weights on every load, so it is not the model that was "
                 "converted; pass --weights FILE (the weights it was converted from) or the spec's pretrained argument")
         conv = load_conversion(saved_dir, model=teacher.model, record=rec)  # rewrites a copy: the teacher stays as it is
-    from normswap.heldout import heldout_data, split_heldout
-    from normswap.kinds import detect
+    from normswap.keep.heldout import heldout_data, split_heldout
+    from normswap.keep.kinds import detect
 
     plain_gn = 0
     if conv.to == "gn-ws":  # as convert's summary line says it
@@ -199,7 +199,7 @@ def run_recovery(
 
         before_state = {k: v.detach().clone() for k, v in conv.model.state_dict().items()}
         before = measure()
-        from normswap.calibrate import heldout_losses
+        from normswap.keep.calibrate import heldout_losses
 
         losses_before = heldout_losses(original, conv.model, hx, outputs)[1]
         ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else saved_dir / "recover-checkpoints"
@@ -209,11 +209,11 @@ def run_recovery(
                       target_agreement=target_agreement, progress=progress,
                       batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch,
                       heldout=hx, keep_best=not keep_last, output_kind=outputs, amp=amp)
-        from normswap.recover import check_finite_model
+        from normswap.keep.recover import check_finite_model
 
         check_finite_model(conv.model, "recovery")
         after = measure()
-        from normswap.heldout import compare_losses
+        from normswap.keep.heldout import compare_losses
 
         # worse only when the held-out loss rose beyond its noise (paired over the same samples), not on a
         # top-1 difference of a sample or two

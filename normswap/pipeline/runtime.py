@@ -30,13 +30,13 @@ class Runtime:
     backend: str | None = None
 
     def loader(self, spec: str | None) -> dict[str, Any]:
-        """The image-folder options of :func:`normswap.data.calibration_batches` (``--calib`` and ``--heldout`` alike)."""
+        """The image-folder options of :func:`normswap.load.data.calibration_batches` (``--calib`` and ``--heldout`` alike)."""
         return {"workers": self.workers, "pin_memory": self.device.type == "cuda", "device": self.device,
                 "model_spec": spec, **self.image}
 
     def batches(self, calib: Any, *, samples: int | None, batch: int, model: Any, spec: str | None) -> Any:
-        """``calib`` as :func:`normswap.data.calibration_batches` reads it, with this runtime's loader options."""
-        from normswap.data import calibration_batches
+        """``calib`` as :func:`normswap.load.data.calibration_batches` reads it, with this runtime's loader options."""
+        from normswap.load.data import calibration_batches
 
         return calibration_batches(calib, samples=samples, batch=batch, model=model, **self.loader(spec))
 

@@ -30,7 +30,7 @@ def load_stage(model: Any, *, args: Mapping[str, Any] | None = None, weights: An
 
 def saved_conversion_dir(model: Any) -> bool:
     """Whether MODEL names a saved conversion directory (``--save DIR``: conversion.json + weights)."""
-    from normswap.saved import CONVERSION_JSON
+    from normswap.load.saved import CONVERSION_JSON
 
     return isinstance(model, (str, Path)) and Path(model).is_dir() and (Path(model) / CONVERSION_JSON).is_file()
 
@@ -43,7 +43,7 @@ def load_saved(directory: Path, *, args: Mapping[str, Any] | None = None, weight
     code the directory chooses) with the way to pass the model from Python."""
     from normswap.errors import InputError
     from normswap.load import LoadedModel, _input_shape
-    from normswap.saved import load_conversion, read_record, uses_bundled_model
+    from normswap.load.saved import load_conversion, read_record, uses_bundled_model
 
     if args or weights is not None:
         raise InputError(f"--arg / --weights apply to a model spec; {directory} is a saved conversion that holds its weights")
