@@ -14,6 +14,7 @@ by ``examples/train_digits_norms.py``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -21,7 +22,7 @@ from normswap.errors import InputError
 from normswap.models.digits import DigitsResNet
 from normswap.norms.layer import ChannelsLayerNorm
 
-__all__ = ["NORMS", "digits_norm_resnet", "digits_gn", "digits_ln", "weights_path"]
+__all__ = ["NORMS", "digits_norm_resnet", "digits_gn", "digits_ln", "load_bundled", "replace_batchnorms", "weights_path"]
 
 _DIR = Path(__file__).resolve().parent
 
@@ -41,21 +42,34 @@ def digits_norm_resnet(norm: str = "gn", pretrained: bool = True) -> DigitsResNe
     ``pretrained`` the bundled weights trained that way. Returned in eval mode."""
     if norm not in NORMS:
         raise InputError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
-    conv_norm, head_norm = NORMS[norm]
-    model = DigitsResNet()
+    model = replace_batchnorms(DigitsResNet(), *NORMS[norm])
+    if pretrained:
+        load_bundled(model, weights_path(norm), f"examples/train_digits_norms.py --norm {norm}")
+    return model.eval()
+
+
+def replace_batchnorms(model: nn.Module, conv_norm: Callable[[int], nn.Module],
+                       head_norm: Callable[[int], nn.Module]) -> nn.Module:
+    """``model`` with every BatchNorm2d replaced by ``conv_norm(C)`` and every BatchNorm1d by
+    ``head_norm(C)``, in place — the architecture a model is then *trained* with (nothing is copied from
+    the BatchNorms). The one rule every bundled per-sample-norm variant is built by."""
     for name, m in list(model.named_modules()):
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             parent, _, attr = name.rpartition(".")
             new = head_norm(m.num_features) if isinstance(m, nn.BatchNorm1d) else conv_norm(m.num_features)
             setattr(model.get_submodule(parent) if parent else model, attr, new)
-    if pretrained:
-        path = weights_path(norm)
-        if not path.is_file():
-            raise InputError(f"bundled weights missing at {path}; run examples/train_digits_norms.py --norm {norm}")
-        from safetensors.torch import load_file
+    return model
 
-        model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval()
+
+def load_bundled(model: nn.Module, path: Path, trained_by: str) -> nn.Module:
+    """Load the bundled safetensors at ``path`` into ``model`` (strict); a one-line InputError naming the
+    script that writes them (``trained_by``) when they are missing."""
+    if not path.is_file():
+        raise InputError(f"bundled weights missing at {path}; reinstall normswap or run {trained_by}")
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
 
 
 def digits_gn(pretrained: bool = True) -> DigitsResNet:

@@ -26,6 +26,10 @@ The network holds the BatchNorm placements that matter for a batch-independent s
 The shipped weights (``multilabel_cnn.safetensors``, metadata in ``multilabel_cnn.json``) are
 produced by ``examples/train_multilabel.py`` on the same fixed split as the digits ResNet
 (:func:`normswap.models.digits.load_digits`: 75 % train, 25 % test, stratified, ``random_state=0``).
+
+:func:`multilabel_gn` is the same network *trained* with ``GroupNorm(8, C)`` wherever the BatchNorms are
+(``examples/train_multilabel.py --norm gn``; ``multilabel_gn.safetensors`` / ``.json``): the sigmoid-output
+test bed for ``--to fold --calib``, which fits those GroupNorms as affines and folds them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from normswap.errors import InputError
 __all__ = [
     "ATTRIBUTES",
     "METADATA_PATH",
+    "GN_WEIGHTS_PATH",
     "WEIGHTS_PATH",
     "MultiLabelCNN",
     "attributes_of",
@@ -48,10 +53,12 @@ __all__ = [
     "label_accuracy",
     "load_multilabel",
     "multilabel_cnn",
+    "multilabel_gn",
 ]
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "multilabel_cnn.safetensors"
 METADATA_PATH = Path(__file__).resolve().parent / "multilabel_cnn.json"
+GN_WEIGHTS_PATH = Path(__file__).resolve().parent / "multilabel_gn.safetensors"
 
 #: attribute name -> the digits for which it is true
 ATTRIBUTES: dict[str, tuple[int, ...]] = {
@@ -110,6 +117,17 @@ def multilabel_cnn(pretrained: bool = True) -> MultiLabelCNN:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(WEIGHTS_PATH)), strict=True)
+    return model.eval()
+
+
+def multilabel_gn(pretrained: bool = True) -> MultiLabelCNN:
+    """The multi-label CNN trained with ``GroupNorm(8, C)`` in place of every BatchNorm (also the one after
+    ReLU + max-pool); with ``pretrained`` the bundled weights trained that way. Returned in eval mode."""
+    from .digits_norms import load_bundled, replace_batchnorms
+
+    model = replace_batchnorms(MultiLabelCNN(), lambda c: nn.GroupNorm(8, c), lambda c: nn.GroupNorm(8, c))
+    if pretrained:
+        load_bundled(model, GN_WEIGHTS_PATH, "examples/train_multilabel.py --norm gn")
     return model.eval()
 
 

@@ -15,6 +15,11 @@ epoch; the shipped weights are ``regression_cnn.safetensors`` with metadata ``re
 
 Layout: ``conv -> BN -> ReLU`` three times (the last two with stride 2), flatten (the spatial layout
 carries the orientation), ``Linear -> BatchNorm1d -> ReLU -> Linear`` (2 outputs, identity).
+
+:func:`regression_gn` is the same network *trained* with ``GroupNorm(8, C)`` at the conv sites and
+``GroupNorm(8, 64)`` on the head's features in place of the BatchNorm1d
+(``examples/train_regression.py --norm gn``; ``regression_gn.safetensors`` / ``.json``): the regression
+test bed for ``--to fold --calib``.
 """
 
 from __future__ import annotations
@@ -32,18 +37,21 @@ __all__ = [
     "MAX_ANGLE_DEG",
     "MAX_SCALE",
     "METADATA_PATH",
+    "GN_WEIGHTS_PATH",
     "WEIGHTS_PATH",
     "RegressionCNN",
     "calib",
     "heldout",
     "load_rotated",
     "regression_cnn",
+    "regression_gn",
     "regression_quality",
     "transform_digits",
 ]
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "regression_cnn.safetensors"
 METADATA_PATH = Path(__file__).resolve().parent / "regression_cnn.json"
+GN_WEIGHTS_PATH = Path(__file__).resolve().parent / "regression_gn.safetensors"
 
 MAX_ANGLE_DEG = 45.0
 MAX_SCALE = 1.25
@@ -91,6 +99,18 @@ def regression_cnn(pretrained: bool = True) -> RegressionCNN:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(WEIGHTS_PATH)), strict=True)
+    return model.eval()
+
+
+def regression_gn(pretrained: bool = True) -> RegressionCNN:
+    """The regression CNN trained with ``GroupNorm(8, C)`` in place of every BatchNorm (the head's
+    BatchNorm1d(64) too: ``GroupNorm(8, 64)`` on its features); with ``pretrained`` the bundled weights
+    trained that way. Returned in eval mode."""
+    from .digits_norms import load_bundled, replace_batchnorms
+
+    model = replace_batchnorms(RegressionCNN(), lambda c: nn.GroupNorm(8, c), lambda c: nn.GroupNorm(8, c))
+    if pretrained:
+        load_bundled(model, GN_WEIGHTS_PATH, "examples/train_regression.py --norm gn")
     return model.eval()
 
 
