@@ -52,7 +52,8 @@ def _agreement_text(kept: Any, drift: Mapping[str, Any] | None) -> str:
         primary = getattr(agr, "primary", "top1_agreement")
         if hasattr(agr, "format") and agr.get(primary) is not None:
             parts = [f"{agr.labels().get(primary, primary)} {agr.format(primary)}"]
-            if primary != "top1_agreement" and agr.get("top1_agreement") is not None:
+            kind = getattr(getattr(agr, "outputs", None), "kind", None)
+            if primary != "top1_agreement" and getattr(kind, "argmax_is_read", True) and agr.get("top1_agreement") is not None:
                 parts.append(f"top-1 agreement {agr.format('top1_agreement')}")
             if agr.get("rel_err") is not None:
                 parts.append(f"output rel err {agr['rel_err']:.3g}")

@@ -79,6 +79,7 @@ class Multilabel(Kind):
     labels = {"label_agreement": "label agreement @0.5", "mae": "MAE", **_TOP1_LABELS}
     truth_label = "label accuracy"
     proportions = ("label_agreement", "top1_agreement", "top1_within")
+    argmax_is_read = False  # five independent attributes: the largest one is not a prediction
 
     @staticmethod
     def logit(p: Any) -> Any:
@@ -138,6 +139,7 @@ class Peaked(Multilabel):
     labels = {"peak_within": "peak within ±1 bin", "peak_mad": "mean |Δpeak| (bins)", "mae": "MAE", **_TOP1_LABELS}
     truth_label = "peak accuracy (±1 bin)"
     proportions = ("peak_within", "top1_agreement", "top1_within")
+    argmax_is_read = True  # the bins of one bump: the argmax is the bin read
 
     def sample_losses(self, s: Any, t: Any, temperature: float) -> Any:
         import torch.nn.functional as F

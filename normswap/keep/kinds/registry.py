@@ -59,6 +59,9 @@ class Kind(ABC):
     truth_proportion = True
     #: the measures that are proportions (they get a Wilson interval over the sample count)
     proportions: tuple[str, ...] = ()
+    #: a row's argmax is what a user reads (a class, a bin): the verdict quotes top-1 agreement beside the
+    #: primary. False for independent labels, whose argmax means nothing.
+    argmax_is_read = True
 
     @property
     def primary(self) -> str:
