@@ -83,6 +83,9 @@ class ParityResult:
     rtol: float
     divergence: str | None = None  # first graph node where rewritten and original diverge
     notes: list[str] = field(default_factory=list)
+    #: what the "original" side of the pairs is: the model given, or (``--to fold --calib``) that model
+    #: with its per-sample norms replaced by fitted affines — the legend says which
+    reference: str = "original model"
 
     @property
     def verdict(self) -> str:
@@ -190,7 +193,7 @@ class ParityResult:
         from normswap.report import Column, FittedTable
 
         sides = {"original": "orig", "rewritten": "new", "onnxruntime": "ort"}
-        legend = {"orig": "original model", "new": "rewritten model", "ort": "the ONNX file on onnxruntime"}
+        legend = {"orig": self.reference, "new": "rewritten model", "ort": "the ONNX file on onnxruntime"}
 
         def short(pair: str) -> str:  # the table's pair names; the JSON keeps the full ones
             return "↔".join(sides.get(p, p) for p in pair.split("↔"))
