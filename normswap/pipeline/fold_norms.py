@@ -11,7 +11,10 @@ The stage before the fold pass (which then folds every fitted affine exactly, li
    cheapest-first prefix whose measured drop stays within ``--max-drop`` (default
    :data:`DEFAULT_MAX_DROP`); every other site is kept and says why;
 5. **calibrate**: the chosen sites fitted closed loop (each on the student's own inputs, earlier chosen
-   sites already affine) — the model the fold receives (for a cheapest-first prefix, the front's own fit);
+   sites already affine) — for a cheapest-first prefix, the front's own fit — then the model's readout
+   refit in closed form to the original's outputs (:mod:`normswap.keep.norm_readout`), kept only when it
+   lowers the held-out loss: the model the fold receives. (The front and the costs are measured before
+   the readout refit, so ``auto``'s choice errs on the side of keeping a site.)
 6. **recover** (``--recover-steps``): label-free distillation of that model onto the original, before the fold.
 
 Held-out quality is measured after the open-loop replacement ("naive"), the calibration and the recovery.
@@ -19,6 +22,7 @@ Held-out quality is measured after the open-loop replacement ("naive"), the cali
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -98,6 +102,7 @@ class FoldNormsReport:
     max_drop: float = DEFAULT_MAX_DROP
     base: float | None = None  # the original's quality against itself (1 for agreement)
     recovery: Any = None
+    readout: Any = None  # normswap.keep.norm_readout.ReadoutRefit of the calibrated model
     seconds: dict[str, float] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -124,10 +129,24 @@ class FoldNormsReport:
             if a.site in why:
                 a.reason = f"kept as {a.type}: {why[a.site]}"
         if not any(a.rewritten for a in conversion.actions):
-            first = next(c for c in self.choices if not c.folded)
-            raise RewriteError(f"--to fold --calib kept all {len(self.choices)} per-sample norm site(s) and the model has no "
-                               f"BatchNorm: nothing was folded ({first.fit.name}: {first.reason}); raise --max-drop, name "
-                               "sites with --fold-norms, or add --recover-steps")
+            raise RewriteError(self.nothing_folded())
+
+    def nothing_folded(self) -> str:
+        """The one line that refuses a fold that folded nothing: the cheapest site's measured cost against
+        the bar, and what would fold it (``--recover-steps`` runs after the choice, so it is no way out
+        for ``auto``; it can win back part of the drop of sites named with ``--fold-norms``)."""
+        head = (f"--to fold --calib kept all {len(self.choices)} per-sample norm site(s) and the model has no BatchNorm: "
+                "nothing was folded")
+        if self.mode != "auto" or not self.front:
+            return f"{head}; name the sites to fold with --fold-norms (or all)"
+        first = self.front[0]
+        drop = None if first.quality is None or self.base is None else self.base - first.quality
+        cheapest = first.folded[0]
+        cost = "unmeasured" if drop is None else f"{drop:.4f}"
+        return (f"{head}: the cheapest site, {cheapest}, alone costs {cost} in held-out {self.measure} > --max-drop "
+                f"{self.max_drop:g}; to fold it anyway pass --max-drop "
+                + (f"{math.ceil(drop * 1e4) / 1e4:.4f}" if drop is not None else "1")
+                + f" or --fold-norms {cheapest} (--recover-steps can win part of the drop back)")
 
     def _n(self) -> str:
         return f"{self.heldout_samples} samples" if self.heldout_samples is not None else "the held-out data"
@@ -138,6 +157,7 @@ class FoldNormsReport:
                 "heldout_samples": self.heldout_samples, "calibration": self.fits.to_dict(),
                 "sites": [c.to_dict() for c in self.choices], "front": [p.to_dict() for p in self.front],
                 "stages": [s.to_dict() for s in self.stages],
+                "readout": None if self.readout is None else self.readout.to_dict(),
                 "recovery": None if self.recovery is None else self.recovery.to_dict(),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
@@ -160,6 +180,8 @@ class FoldNormsReport:
         if self.front:
             steps = ", ".join(f"{len(p.folded)}: {f(p.quality, 4)}" for p in self.front)
             parts.append(Text(f"front (sites replaced cheapest first → held-out {self.measure}, {self._n()}): {steps}"))
+        if self.readout is not None:
+            parts.append(Text(self.readout.line()))
         if self.stages:
             parts.append(Text(" → ".join(f"{s.stage} {f(s.agreement.quality if hasattr(s.agreement, 'quality') else None, 4)}"
                                          for s in self.stages) + f" ({self.measure} on {self.evaluated_on}, {self._n()})"))
@@ -184,6 +206,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
     from normswap.keep.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from normswap.keep.kinds import detect
     from normswap.keep.norm_fit import affine_model, fit_norm_affines, norm_site_names
+    from normswap.keep.norm_readout import refit_readout
     from normswap.keep.recover.keep import _split_eval
     from normswap.keep.recover.report import StageMetrics
 
@@ -263,6 +286,9 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
 
     stage("naive", affine_model(original, fits_for, chosen, loop="open"))
     rep.model = affine_model(original, fits_for, chosen, loop="closed")
+    t = time.perf_counter()
+    rep.readout = refit_readout(original, rep.model, calib, eval_data, outputs)
+    seconds["readout"] = time.perf_counter() - t
     stage("calibrated", rep.model)
     if recover_steps:
         from normswap.defaults import DEFAULT_LR

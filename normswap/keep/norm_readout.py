@@ -1,0 +1,71 @@
+"""The readout refit after per-sample norms became fitted affines (``--to fold --calib``).
+
+A per-channel affine cannot reproduce what a per-sample norm does sample by sample (GroupNorm over 8
+head features, say: its R² alone can be 0.9); the part it misses reaches the model's readout (the final
+Linear / 1×1 conv, through its link) as features the trained readout was not trained on. The same
+closed-form refit the swap calibration makes (:mod:`normswap.keep.calibrate.readout`: ridge least
+squares of the original's outputs, through the inverse link, on the student's own readout inputs, one
+pass over the calibration data) is the best linear readout of those features — and, being a Linear, it
+folds like any other.
+
+It is kept only when it lowers the output kind's distillation loss on the held-out data (never worse);
+the decision, both losses and the sample count are reported. The readout must not be a site's producer
+or consumer that the fold changes — it is the model's last layer, after every norm.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ReadoutRefit", "refit_readout"]
+
+
+@dataclass
+class ReadoutRefit:
+    """What the refit did: the readout's name and link, the pre-activation rel err on the calibration
+    data before / after, the held-out loss before / after, and whether the refit was kept."""
+
+    module: str | None
+    link: str | None
+    kept: bool
+    rel_before: float | None = None
+    rel_after: float | None = None
+    loss_before: float | None = None
+    loss_after: float | None = None
+    loss: str = ""
+    samples: int | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def line(self) -> str:
+        if self.module is None:
+            return f"no readout refit: {self.note}"
+        link = f" through {self.link}" if self.link not in (None, "identity") else ""
+        what = (f"readout {self.module} refit{link} to the original's outputs (calibration rel err "
+                f"{self.rel_before:.3f} → {self.rel_after:.3f}; held-out {self.loss} {self.loss_before:.4g} → "
+                f"{self.loss_after:.4g}, {self.samples} samples)")
+        return what + (": kept" if self.kept else ": reverted, it did not lower the held-out loss")
+
+
+def refit_readout(original: nn.Module, model: nn.Module, calib: Any, heldout: Any, outputs: Any) -> ReadoutRefit:
+    """Refit ``model``'s readout in place to ``original``'s outputs on ``calib``; put the trained one back
+    unless the held-out loss (the kind of ``outputs``) is lower with the refit. ``original`` is not changed."""
+    from .calibrate import calibrate
+
+    before = copy.deepcopy(model.state_dict())
+    rep = calibrate(original, model, calib, sites=[], readout=True, heldout=heldout, output_kind=outputs)
+    r, h = rep.readout or {}, rep.heldout or {}
+    if not r.get("refit"):
+        return ReadoutRefit(None, None, False, note=r.get("note") or "no Linear / 1×1 conv readout found")
+    lb, la = h.get("loss_naive"), h.get("loss_after")
+    kept = lb is not None and la is not None and la < lb
+    if not kept:
+        model.load_state_dict(before)
+    return ReadoutRefit(r["module"], r.get("link"), kept, r.get("rel_before"), r.get("rel_after"), lb, la,
+                        h.get("loss", "loss"), h.get("samples"))
