@@ -1,0 +1,70 @@
+"""--to fold --calib on models trained with per-sample norms, beyond classifiers: the sigmoid multi-label and
+the regression CNNs trained with GroupNorm (every site folds, the ONNX is the BN-folded architecture's, the
+kind's own measure holds), and an InstanceNorm network whose per-sample statistics are the signal (auto keeps
+those sites, each with its reason and measured cost, and folds the rest)."""
+
+from __future__ import annotations
+
+import pytest
+
+from normswap.errors import RewriteError
+from normswap.export import NORM_OP_TYPES
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+#: model module → (GN builder, BN builder, the calibrated bar on the kind's primary measure, every site
+#: folded, 256 calibration samples). The regression bar is lower: its head GroupNorm(8, 64) normalizes
+#: groups of 8 features per sample, which no affine reproduces (R² alone ≈ 0.9); recovery closes the rest.
+GN_MODELS = {
+    "multilabel": ("multilabel_gn", "multilabel_cnn", 0.99),
+    "regression": ("regression_gn", "regression_cnn", 0.97),
+}
+
+
+def _spec(module: str, name: str) -> str:
+    return f"normswap.models.{module}:{name}"
+
+
+@pytest.mark.parametrize("module", sorted(GN_MODELS))
+def test_a_gn_trained_model_of_another_output_kind_folds_every_site_into_the_bn_folded_op_set(module, tmp_path):
+    from normswap.pipeline import run_conversion
+
+    gn, bn, bar = GN_MODELS[module]
+    res = run_conversion(_spec(module, gn), "fold", calib=_spec(module, "calib"), calib_samples=256,
+                         heldout=_spec(module, "heldout"), fold_norms="all", onnx=tmp_path / "gn.onnx")
+    assert res.exit_code == 0 and res.verdict.word == "EXPORTED", res.verdict.line
+    ops = res.export.op_counts
+    assert not any(ops.get(op) for op in NORM_OP_TYPES), ops
+    ref = run_conversion(_spec(module, bn), "fold", onnx=tmp_path / "bn.onnx")
+    assert set(ops) == set(ref.export.op_counts), (ops, ref.export.op_counts)
+    fn = res.to_dict()["fold_norms"]
+    assert f"output kind {module}" in fn["output_kind"] and all(s["folded"] for s in fn["sites"])
+    calibrated = next(s for s in fn["stages"] if s["stage"] == "calibrated")
+    primary = {"multilabel": "label_agreement", "regression": "r2"}[module]
+    assert calibrated["agreement"][primary] >= bar, calibrated
+    assert fn["readout"]["module"] == {"multilabel": "head", "regression": "head.3"}[module]
+    # the verdict quotes the kind's measure, and no argmax of independent labels
+    assert fn["measure"] in res.verdict.line and (module != "multilabel" or "top-1" not in res.verdict.line)
+
+
+def test_auto_keeps_the_instance_norms_of_a_contrast_invariant_net_and_folds_its_groupnorm(tmp_path):
+    from normswap.pipeline import run_conversion
+
+    spec = "normswap.models.contrast"
+    res = run_conversion(f"{spec}:contrast_in", "fold", calib=f"{spec}:calib", calib_samples=256,
+                         heldout=f"{spec}:heldout", onnx=tmp_path / "in.onnx")
+    assert res.exit_code == 0 and res.verdict.word == "EXPORTED", res.verdict.line
+    by = {s["site"]: s for s in res.to_dict()["fold_norms"]["sites"]}
+    assert [n for n, s in by.items() if s["folded"]] == ["c3.1"]
+    acts = {a.site: a for a in res.conversion.actions}
+    for site in ("stem.1", "c2.1"):
+        assert acts[site].action == "refuse" and acts[site].reason.startswith("kept as InstanceNorm2d: auto:")
+        assert "> --max-drop 0.005" in acts[site].reason and f"(alone: {by[site]['cost']:.4f})" in acts[site].reason
+    assert by["stem.1"]["cost"] > 0.2 and by["stem.1"]["sigma_spread"] > 0.5  # the gain and offset it removes
+    assert by["c3.1"]["cost"] <= 0.005
+    assert res.export.op_counts.get("InstanceNormalization") == 2 and not res.export.op_counts.get("GroupNormalization")
+    # a bar nothing meets: refused in one line that gives the cheapest site's measured cost and the way out
+    with pytest.raises(RewriteError, match=r"nothing was folded: the cheapest site, c3\.1, alone costs 0\.\d{4} "
+                                           r"in held-out top-1 agreement > --max-drop 0; to fold it anyway pass --max-drop 0\.\d{4} or --fold-norms c3\.1"):
+        run_conversion(f"{spec}:contrast_in", "fold", calib=f"{spec}:calib", calib_samples=256,
+                       heldout=f"{spec}:heldout", max_drop=0.0)
