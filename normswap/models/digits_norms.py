@@ -13,8 +13,8 @@ by ``examples/train_digits_norms.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 

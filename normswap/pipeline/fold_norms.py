@@ -168,7 +168,10 @@ class FoldNormsReport:
         from normswap.report import Column, FittedTable
 
         f = lambda v, p=3: "" if v is None or v != v else f"{v:.{p}f}"
-        rows = [[c.fit.name, c.fit.source, f(c.fit.spread_sigma), f(c.fit.spread_mu), f(c.fit.r2), f(c.fit.r2_student),
+        # R² in student: the closed-loop fit in the model that is folded; a kept site is not in it (its closed-loop
+        # fit was made with every site replaced, a model no one gets), so it shows none
+        rows = [[c.fit.name, c.fit.source, f(c.fit.spread_sigma), f(c.fit.spread_mu), f(c.fit.r2),
+                 f(c.fit.r2_student) if c.folded else "",
                  f(c.cost, 4), Text("folded" if c.folded else "kept", style="cyan" if c.folded else "yellow"),
                  c.reason or ""] for c in self.choices]
         cols = [Column("site"), Column("type", drop=2), Column("σ spread", "right", drop=1), Column("μ spread", "right", drop=1),
