@@ -68,3 +68,46 @@ def test_auto_keeps_the_instance_norms_of_a_contrast_invariant_net_and_folds_its
                                            r"in held-out top-1 agreement > --max-drop 0; to fold it anyway pass --max-drop 0\.\d{4} or --fold-norms c3\.1"):
         run_conversion(f"{spec}:contrast_in", "fold", calib=f"{spec}:calib", calib_samples=256,
                        heldout=f"{spec}:heldout", max_drop=0.0)
+
+
+def _bundled():
+    from normswap.models import contrast, multilabel, regression
+
+    return {"multilabel_gn": (multilabel.multilabel_gn, multilabel.GN_WEIGHTS_PATH, "GroupNorm"),
+            "regression_gn": (regression.regression_gn, regression.GN_WEIGHTS_PATH, "GroupNorm"),
+            "contrast_in": (contrast.contrast_in, contrast.WEIGHTS_PATH, "InstanceNorm2d")}
+
+
+@pytest.mark.parametrize("name", ["multilabel_gn", "regression_gn", "contrast_in"])
+def test_the_bundled_per_sample_norm_models_are_small_trained_and_match_their_metadata(name):
+    import hashlib
+    import json
+
+    import torch
+    from torch import nn
+
+    build, path, norm = _bundled()[name]
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert path.stat().st_size < 500_000 and meta["weights"] == path.name
+    assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    model, fresh = build(), build(pretrained=False)
+    assert meta["param_count"] == sum(p.numel() for p in model.parameters())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # trained without BN
+    assert any(type(m).__name__ == norm for m in model.modules())
+    assert not torch.equal(fresh.stem[0].weight, model.stem[0].weight)
+
+
+def test_the_contrast_nets_instance_norms_are_what_makes_it_work():
+    """The jitter is what the InstanceNorms undo: the accuracy is the same with and without it."""
+    import torch
+
+    from normswap.models.contrast import contrast_in, load_jittered
+    from normswap.models.digits import load_digits
+
+    model = contrast_in()
+    xj, y = load_jittered("test")
+    x, _ = load_digits("test")
+    with torch.no_grad():
+        acc = lambda inp: float((model(inp).argmax(1) == y).float().mean())
+        assert acc(xj) > 0.98 and acc(x) > 0.98
+        assert float(xj.std(dim=(1, 2, 3)).max() / xj.std(dim=(1, 2, 3)).min()) > 8  # a wide range of contrasts
