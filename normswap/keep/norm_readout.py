@@ -8,8 +8,10 @@ squares of the original's outputs, through the inverse link, on the student's ow
 pass over the calibration data) is the best linear readout of those features — and, being a Linear, it
 folds like any other.
 
-It is kept only when it lowers the output kind's distillation loss on the held-out data (never worse);
-the decision, both losses and the sample count are reported. The readout must not be a site's producer
+It is kept only when, on the held-out data, it lowers the output kind's distillation loss *and* does not
+lower the kind's primary measure (the one ``--fold-norms auto`` holds within ``--max-drop``: a refit that
+trades a lower loss for one more disagreeing sample would break that bar after the choice was made); the
+decision, both losses, both measures and the sample count are reported. The readout must not be a site's producer
 or consumer that the fold changes — it is the model's last layer, after every norm.
 """
 
@@ -38,6 +40,9 @@ class ReadoutRefit:
     loss_after: float | None = None
     loss: str = ""
     samples: int | None = None
+    measure: str = ""  # the kind's primary measure, as the report names it
+    measure_before: float | None = None
+    measure_after: float | None = None
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,10 +52,16 @@ class ReadoutRefit:
         if self.module is None:
             return f"no readout refit: {self.note}"
         link = f" through {self.link}" if self.link not in (None, "identity") else ""
+        measure = ("" if self.measure_before is None or self.measure_after is None
+                   else f", {self.measure} {self.measure_before:.4f} → {self.measure_after:.4f}")
         what = (f"readout {self.module} refit{link} to the original's outputs (calibration rel err "
                 f"{self.rel_before:.3f} → {self.rel_after:.3f}; held-out {self.loss} {self.loss_before:.4g} → "
-                f"{self.loss_after:.4g}, {self.samples} samples)")
-        return what + (": kept" if self.kept else ": reverted, it did not lower the held-out loss")
+                f"{self.loss_after:.4g}{measure}, {self.samples} samples)")
+        if self.kept:
+            return what + ": kept"
+        why = ("it did not lower the held-out loss" if self.loss_after is None or self.loss_before is None
+               or self.loss_after >= self.loss_before else f"it lowered the held-out {self.measure}")
+        return what + f": reverted, {why}"
 
 
 def refit_readout(original: nn.Module, model: nn.Module, calib: Any, heldout: Any, outputs: Any) -> ReadoutRefit:
@@ -64,8 +75,10 @@ def refit_readout(original: nn.Module, model: nn.Module, calib: Any, heldout: An
     if not r.get("refit"):
         return ReadoutRefit(None, None, False, note=r.get("note") or "no Linear / 1×1 conv readout found")
     lb, la = h.get("loss_naive"), h.get("loss_after")
-    kept = lb is not None and la is not None and la < lb
+    key = h.get("primary")
+    mb, ma = (h.get("naive") or {}).get(key), (h.get("after") or {}).get(key)
+    kept = lb is not None and la is not None and la < lb and (mb is None or ma is None or ma >= mb)
     if not kept:
         model.load_state_dict(before)
     return ReadoutRefit(r["module"], r.get("link"), kept, r.get("rel_before"), r.get("rel_after"), lb, la,
-                        h.get("loss", "loss"), h.get("samples"))
+                        h.get("loss", "loss"), h.get("samples"), h.get("label") or key or "", mb, ma)
