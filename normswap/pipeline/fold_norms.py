@@ -11,7 +11,9 @@ The stage before the fold pass (which then folds every fitted affine exactly, li
    cheapest-first prefix whose measured drop stays within ``--max-drop`` (default
    :data:`DEFAULT_MAX_DROP`); every other site is kept and says why;
 5. **calibrate**: the chosen sites fitted closed loop (each on the student's own inputs, earlier chosen
-   sites already affine) — the model the fold receives (for a cheapest-first prefix, the front's own fit);
+   sites already affine; for a cheapest-first prefix, the front's own fit); then each chosen site's
+   producer and the readout refit by least squares (:mod:`normswap.keep.producer_fit`), kept only when
+   its held-out quality is not lower than the affines' alone — the model the fold receives;
 6. **recover** (``--recover-steps``): label-free distillation of that model onto the original, before the fold.
 
 Held-out quality is measured after the open-loop replacement ("naive"), the calibration and the recovery.
@@ -98,6 +100,9 @@ class FoldNormsReport:
     max_drop: float = DEFAULT_MAX_DROP
     base: float | None = None  # the original's quality against itself (1 for agreement)
     recovery: Any = None
+    refit: Any = None  # RefitReport: the producers' and readout's least-squares refit after the affine fits
+    refit_quality: tuple[float | None, float | None] | None = None  # held-out: affines alone, refit
+    refit_kept: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -139,6 +144,9 @@ class FoldNormsReport:
                 "sites": [c.to_dict() for c in self.choices], "front": [p.to_dict() for p in self.front],
                 "stages": [s.to_dict() for s in self.stages],
                 "recovery": None if self.recovery is None else self.recovery.to_dict(),
+                "refit": None if self.refit is None else {**self.refit.to_dict(), "kept": self.refit_kept,
+                                                          "heldout_affine_only": (self.refit_quality or (None, None))[0],
+                                                          "heldout_refit": (self.refit_quality or (None, None))[1]},
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
     def __rich__(self) -> Any:
@@ -160,6 +168,16 @@ class FoldNormsReport:
         if self.front:
             steps = ", ".join(f"{len(p.folded)}: {f(p.quality, 4)}" for p in self.front)
             parts.append(Text(f"front (sites replaced cheapest first → held-out {self.measure}, {self._n()}): {steps}"))
+        if self.refit is not None and self.refit_quality is not None:
+            r, (a, b) = self.refit, self.refit_quality
+            what = f"{len(r.producers)} producer(s)" + (f" and the readout {r.readout}" if r.readout else "")
+            verdict = "kept" if self.refit_kept else "not kept: lower than the affines alone"
+            line = (f"refit (least squares on {r.samples} calibration samples): {what}; held-out {self.measure} "
+                    f"{f(a, 4)} with the affines alone → {f(b, 4)} refit ({verdict})")
+            if r.skipped:
+                site, why = next(iter(r.skipped.items()))
+                line += f"; {len(r.skipped)} site(s) keep the affine alone ({site}: {why})"
+            parts.append(Text(line))
         if self.stages:
             parts.append(Text(" → ".join(f"{s.stage} {f(s.agreement.quality if hasattr(s.agreement, 'quality') else None, 4)}"
                                          for s in self.stages) + f" ({self.measure} on {self.evaluated_on}, {self._n()})"))
@@ -178,7 +196,7 @@ def _count(data: Any) -> int | None:
 def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_name: str | None = None,
                    output_kind: Any = None, fold_norms: Any = "auto", max_drop: float = DEFAULT_MAX_DROP,
                    recover_steps: int = 0, recover_batch: int | None = None, seed: int = 0, lr: float | None = None,
-                   progress: Any = None) -> FoldNormsReport:
+                   progress: Any = None, refit: bool = True) -> FoldNormsReport:
     """Steps 1–6 of the module docstring on ``original`` (never changed); see :class:`FoldNormsReport`."""
     from normswap.keep.calibrate import agreement
     from normswap.keep.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
@@ -263,7 +281,25 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
 
     stage("naive", affine_model(original, fits_for, chosen, loop="open"))
     rep.model = affine_model(original, fits_for, chosen, loop="closed")
-    stage("calibrated", rep.model)
+    if refit:
+        # the producers' and the readout's least-squares refit (normswap.keep.producer_fit): kept only when
+        # the held-out quality is not lower than with the affines alone (never worse, measured)
+        from normswap.keep.producer_fit import refit as refit_model
+
+        t = time.perf_counter()
+        affine_only = agreement(original, rep.model, eval_data, output_kind=outputs)
+        refitted, rep.refit = refit_model(original, rep.model, calib, chosen)
+        rep.refit_quality = (affine_only.quality, quality(refitted))
+        a, b = rep.refit_quality
+        rep.refit_kept = a is None or (b is not None and b >= a)
+        if rep.refit_kept:
+            rep.model = refitted
+            stage("calibrated", refitted)
+        else:
+            rep.stages.append(StageMetrics(stage="calibrated", agreement=affine_only))
+        seconds["refit"] = time.perf_counter() - t
+    else:
+        stage("calibrated", rep.model)
     if recover_steps:
         from normswap.defaults import DEFAULT_LR
         from normswap.keep.recover import recover
