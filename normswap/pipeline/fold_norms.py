@@ -16,6 +16,9 @@ The stage before the fold pass (which then folds every fitted affine exactly, li
    its held-out quality is not lower than the affines' alone — the model the fold receives;
 6. **recover** (``--recover-steps``): label-free distillation of that model onto the original, before the fold.
 
+With ``latency=True`` (``--front-latency``) every front point is also folded, exported and timed
+(:mod:`normswap.pipeline.fold_front`): its latency ×the original, and per site the latency it saves.
+
 Held-out quality is measured after the open-loop replacement ("naive"), the calibration and the recovery.
 """
 
@@ -104,6 +107,15 @@ class FoldNormsReport:
     refit_quality: tuple[float | None, float | None] | None = None  # held-out: affines alone, refit
     refit_kept: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    latency: Any = None  # FrontLatency (normswap.pipeline.fold_front), with latency=True
+
+    def chosen_point(self) -> int | None:
+        """The front point (k) the chosen sites are — 0 when none is — or None when they are not a cheapest-first prefix."""
+        chosen = set(self.folded)
+        if not chosen:
+            return 0
+        k = len(chosen)
+        return k if k <= len(self.front) and set(self.front[k - 1].folded) == chosen else None
 
     def __bool__(self) -> bool:
         return self.changes_function
@@ -147,7 +159,19 @@ class FoldNormsReport:
                 "refit": None if self.refit is None else {**self.refit.to_dict(), "kept": self.refit_kept,
                                                           "heldout_affine_only": (self.refit_quality or (None, None))[0],
                                                           "heldout_refit": (self.refit_quality or (None, None))[1]},
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **self._latency_dict()}
+
+    def _latency_dict(self) -> dict[str, Any]:
+        lat = self.latency
+        if lat is None:
+            return {}
+        order = self.front[-1].folded if self.front else []
+        r = lambda v: None if v is None else round(v, 5)
+        return {"latency": lat.to_dict(), "chosen_point": self.chosen_point(),
+                "latency_saved_ms": {n: r(lat.saved_ms(k)) for k, n in enumerate(order, start=1)},
+                "front_latency": [{"k": k, "folded": list(p.folded), "quality": p.quality, "latency_ms": r(ms),
+                                   "latency_vs_original": r(lat.ratio(ms))}
+                                  for k, (p, ms) in enumerate(zip(self.front, lat.points_ms), start=1)]}
 
     def __rich__(self) -> Any:
         from rich.console import Group
@@ -156,18 +180,22 @@ class FoldNormsReport:
         from normswap.report import Column, FittedTable
 
         f = lambda v, p=3: "" if v is None or v != v else f"{v:.{p}f}"
+        saved = self._latency_dict().get("latency_saved_ms")
         rows = [[c.fit.name, c.fit.source, f(c.fit.spread_sigma), f(c.fit.spread_mu), f(c.fit.r2), f(c.fit.r2_student),
-                 f(c.cost, 4), Text("folded" if c.folded else "kept", style="cyan" if c.folded else "yellow"),
-                 c.reason or ""] for c in self.choices]
+                 f(c.cost, 4)] + ([] if saved is None else [f(saved.get(c.fit.name))]) +
+                [Text("folded" if c.folded else "kept", style="cyan" if c.folded else "yellow"), c.reason or ""]
+                for c in self.choices]
         cols = [Column("site"), Column("type", drop=2), Column("σ spread", "right", drop=1), Column("μ spread", "right", drop=1),
-                Column("R² alone", "right"), Column("R² in student", "right", drop=3), Column("cost", "right"),
-                Column("action"), Column("why kept", fold=True)]
+                Column("R² alone", "right"), Column("R² in student", "right", drop=3), Column("cost", "right")] + (
+                [] if saved is None else [Column("saved ms", "right")]) + [Column("action"), Column("why kept", fold=True)]
         title = (f"per-sample norms as fitted affines (fit on {self.fits.samples} calibration samples; cost = "
-                 f"{self.measure} drop on {self._n()} with only that site replaced)")
+                 f"{self.measure} drop on {self._n()} with only that site replaced"
+                 + ("; saved ms = the onnxruntime latency its fold saves along the front)" if saved is not None else ")"))
         parts: list[Any] = [FittedTable(cols, rows, title=title)]
         if self.front:
-            steps = ", ".join(f"{len(p.folded)}: {f(p.quality, 4)}" for p in self.front)
-            parts.append(Text(f"front (sites replaced cheapest first → held-out {self.measure}, {self._n()}): {steps}"))
+            from .fold_front import front_table
+
+            parts.append(front_table(self))
         if self.refit is not None and self.refit_quality is not None:
             r, (a, b) = self.refit, self.refit_quality
             what = f"{len(r.producers)} producer(s)" + (f" and the readout {r.readout}" if r.readout else "")
@@ -196,8 +224,10 @@ def _count(data: Any) -> int | None:
 def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_name: str | None = None,
                    output_kind: Any = None, fold_norms: Any = "auto", max_drop: float = DEFAULT_MAX_DROP,
                    recover_steps: int = 0, recover_batch: int | None = None, seed: int = 0, lr: float | None = None,
-                   progress: Any = None, refit: bool = True) -> FoldNormsReport:
-    """Steps 1–6 of the module docstring on ``original`` (never changed); see :class:`FoldNormsReport`."""
+                   progress: Any = None, latency: bool = False, refit: bool = True) -> FoldNormsReport:
+    """Steps 1–6 of the module docstring on ``original`` (never changed); see :class:`FoldNormsReport`.
+    ``latency``: also time every front point (:func:`normswap.pipeline.fold_front.measure_front_latency`);
+    ``refit``: step 5's least-squares refit of the producers and the readout."""
     from normswap.keep.calibrate import agreement
     from normswap.keep.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from normswap.keep.kinds import detect
@@ -265,6 +295,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
                           max_drop=max_drop, base=base, seconds=seconds)
     if not chosen:
         rep.model = original
+        _front_latency(rep, latency, original, prefix_fits, order, eval_data, chosen, None)
         return rep
     t = time.perf_counter()
     if set(chosen) == set(order[:len(chosen)]):  # a cheapest-first prefix: its fit is already made
@@ -275,6 +306,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         if c.folded:
             c.fit = fits_for[c.fit.name]
     seconds["fit"] += time.perf_counter() - t
+    _front_latency(rep, latency, original, prefix_fits, order, eval_data, chosen, fits_for)
 
     def stage(name: str, model: Any) -> None:
         rep.stages.append(StageMetrics(stage=name, agreement=agreement(original, model, eval_data, output_kind=outputs)))
@@ -312,3 +344,17 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         rep.model.eval()
         stage("recovered", rep.model)
     return rep
+
+
+def _front_latency(rep: FoldNormsReport, latency: bool, original: Any, prefix_fits: list[Any], order: list[str],
+                   eval_data: Any, chosen: list[str], chosen_fits: Any) -> None:
+    if not latency:
+        return
+    from normswap.load.data import as_batches
+
+    from .fold_front import measure_front_latency
+
+    t = time.perf_counter()
+    x = next(iter(as_batches(eval_data)))[0]
+    rep.latency = measure_front_latency(original, prefix_fits, order, x, chosen=chosen, chosen_fits=chosen_fits)
+    rep.seconds["latency"] = time.perf_counter() - t
