@@ -333,12 +333,13 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
     else:
         stage("calibrated", rep.model)
     if recover_steps:
-        from normswap.defaults import DEFAULT_LR
+        from normswap.defaults import DEFAULT_LR, DEFAULT_RECOVER_BATCH
         from normswap.keep.recover import recover
 
         t = time.perf_counter()
         rep.recovery = recover(original, rep.model, calib, steps=recover_steps, lr=DEFAULT_LR if lr is None else lr,
-                               seed=seed, progress=progress if progress is not None else False, batch_size=recover_batch,
+                               seed=seed, progress=progress if progress is not None else False,
+                               batch_size=DEFAULT_RECOVER_BATCH if recover_batch is None else recover_batch,
                                output_kind=outputs, heldout=eval_data)
         seconds["recover"] = time.perf_counter() - t
         rep.model.eval()

@@ -81,7 +81,7 @@ def save_front_plot(rep: Any, path: str | os.PathLike[str]) -> Path:
     pts += [(k, lat.ratio(ms), p.quality) for k, (p, ms) in enumerate(zip(rep.front, lat.points_ms), start=1)]
     good = [(k, x, y) for k, x, y in pts if x is not None and y is not None]
     d.text((L, 14), "Folding per-sample norms: latency against held-out quality", fill="black", font=f18)
-    sub = (f"sites folded cumulatively, cheapest first; {rep.measure} against the original on {rep._n()} "
+    sub = (f"sites folded cumulatively, cheapest first (their affine fits alone); {rep.measure} against the original on {rep._n()} "
            f"({rep.evaluated_on})")
     for i, text in enumerate(_wrap(d, _ascii(sub), f13, W - L - 20)[:2] + [_ascii(f"latency: {lat.runtime}")]):
         d.text((L, 40 + 16 * i), text, fill=_GREY, font=f13)
@@ -91,8 +91,16 @@ def save_front_plot(rep: Any, path: str | os.PathLike[str]) -> Path:
         q = next((s.agreement.quality for s in rep.stages if s.stage == "calibrated"), None)
         if q is not None:
             extra.append((lat.ratio(lat.chosen_ms), q))
-    xs = [x for _, x, _ in good] + [x for x, _ in extra]
-    ys = [y for _, _, y in good] + [y for _, y in extra]
+    # the chosen model as delivered (after step 5's refit and any recovery) when it differs from its front
+    # point, which is the affine fits alone: a filled green point at the same latency
+    delivered = None
+    final = rep.stages[-1] if rep.stages else None
+    fq = getattr(getattr(final, "agreement", None), "quality", None)
+    if chosen_k and fq is not None and 0 < chosen_k < len(pts) and pts[chosen_k][1] is not None \
+            and pts[chosen_k][2] is not None and abs(fq - pts[chosen_k][2]) > 1e-9:
+        delivered = (pts[chosen_k][1], fq, final.stage)
+    xs = [x for _, x, _ in good] + [x for x, _ in extra] + ([delivered[0]] if delivered else [])
+    ys = [y for _, _, y in good] + [y for _, y in extra] + ([delivered[1]] if delivered else [])
     floor = None
     if rep.mode == "auto" and rep.base is not None:
         floor = rep.base - rep.max_drop
@@ -155,6 +163,11 @@ def save_front_plot(rep: Any, path: str | os.PathLike[str]) -> Path:
             xx, yy = px(x), py(y)
             d.ellipse([xx - 12, yy - 12, xx + 12, yy + 12], outline=_GREEN, width=3)
             d.ellipse([xx - 4, yy - 4, xx + 4, yy + 4], fill=_GREEN)
+        if delivered is not None:  # same latency as its front point; a dotted stem joins them
+            xx, yy, y0 = px(delivered[0]), py(delivered[1]), py(pts[chosen_k][2])
+            for y_ in range(int(min(yy, y0)) + 8, int(max(yy, y0)) - 8, 6):
+                d.line([xx, y_, xx, y_ + 3], fill=_GREEN, width=1)
+            d.ellipse([xx - 6, yy - 6, xx + 6, yy + 6], fill=_GREEN)
     # legend
     lx, ly = L + PW + 24, T
     d.text((lx, ly - 24), "points", fill="black", font=f15)
@@ -176,6 +189,11 @@ def save_front_plot(rep: Any, path: str | os.PathLike[str]) -> Path:
         _, cx, cy = pts[chosen_k]
         d.text((lx + 34, ly), f"k = {chosen_k}: {cx:.2f}x, {'-' if cy is None else f'{cy:.4f}'}", fill="black", font=f13)
         ly += 18
+        if delivered is not None:
+            what = "refit" if delivered[2] == "calibrated" and rep.refit_kept else delivered[2]
+            d.ellipse([lx + 7, ly, lx + 19, ly + 12], fill=_GREEN)
+            d.text((lx + 34, ly), f"as delivered ({what}): {delivered[1]:.4f}", fill="black", font=f13)
+            ly += 18
     elif extra:
         cx, cy = extra[0]
         d.text((lx + 34, ly), f"{len(rep.folded)} sites: {cx:.2f}x, {cy:.4f}", fill="black", font=f13)
