@@ -54,7 +54,7 @@ from .common import (
 
 
 @guarded
-@torchrun_aware("onnx", "save", "report")
+@torchrun_aware("onnx", "save", "report", "front_plot")
 def convert(
     model: ModelArg = None,
     to: Annotated[str, typer.Option("--to", "-t", help="fold, or a norm target (see `normswap targets`).")] = "fold",
@@ -86,6 +86,8 @@ def convert(
     lr: LrOpt = DEFAULT_LR,
     fold_norms: Annotated[Optional[str], typer.Option("--fold-norms", help="with --to fold --calib: which per-sample norms (GroupNorm, LayerNorm, ...) become fitted affines and fold: auto (while the held-out drop stays within --max-drop), all, or site names separated by commas.")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="with --fold-norms auto: the largest held-out drop of the output kind's quality allowed (default 0.005).")] = None,
+    front_latency: Annotated[bool, typer.Option("--front-latency", help="with --to fold --calib: also fold, export and time (onnxruntime CPU, batch 1, 1 thread) every point of the front (sites folded cheapest first): a table of held-out quality against latency ×the original, the latency each site saves, and a PNG (see --front-plot). Off by default: it adds 2-4 s to the digits models' fit-norms stage (one fold, ONNX export and timing per front point).")] = False,
+    front_plot: Annotated[Optional[Path], typer.Option("--front-plot", help="the front's PNG, latency against held-out quality, the chosen point marked (implies --front-latency; default: beside --report as NAME.front.png).", show_default=False)] = None,
     images: Annotated[Optional[int], typer.Option("--images", help="the model takes a list of this many images (C,H,W from --input-shape); torchvision detectors are recognised and default to 1. The ONNX takes exactly that many.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or bfloat16: convert and verify a half-precision copy (fold only; default: the model's own dtype).")] = None,
     device: DeviceOpt = "auto",
@@ -116,6 +118,7 @@ def convert(
         seed=seed, lr=lr, onnx=onnx, save=save, report=report, progress=progress_for(json_out), dtype=dtype,
         images=images, output_kind=output_kind, heldout=heldout, decode=decode, decode_tol=decode_tol, device=device, amp=amp, workers=workers, size=size,
         crop=crop, mean=mean, std=std, fold_norms=fold_norms, max_drop=max_drop,
+        front_latency=front_latency, front_plot=front_plot,
     )
     if json_out:
         print_json(result.to_dict())

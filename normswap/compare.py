@@ -326,6 +326,8 @@ class CompareReport:
                 rows.append([name, "", "", "", Text(f"failed {ref(note)}", style="red"), "", "", "", "", ""])
                 continue
             sites = f"{r.swapped}"
+            if r.note:
+                sites += f" {ref(f'{r.target}: {r.note}')}"
             if r.refused:
                 sites = f"{r.swapped} {ref(f'{r.target}: {r.refused} site(s) refused, left as they were')}"
             if r.plain_gn:
@@ -468,6 +470,10 @@ def compare_targets(
                            device=device)
         if row is not None:
             rep.rows.append(row)
+    same = [r.target for r in rep.rows if r.status == "ok" and r.target != "fold" and not r.swapped and not r.refused]
+    if same:
+        rep.notes.append(f"{', '.join(same)}: no site swapped (the model has no BatchNorm): these rows are the original "
+                         "model, and their ORT latency is the original's against fold")
     if latency and "fold" in models:
         with tempfile.TemporaryDirectory(prefix="normswap-compare-") as td:
             paths: dict[str, Path] = {}
@@ -489,7 +495,15 @@ def compare_targets(
                 rep.notes.append(f"onnxruntime CPU, batch 1, {threads} thread(s), best of {rounds} rounds × {runs} runs; "
                                  f"fold = {ms['fold']:.3f} ms")
     elif latency:
-        rep.notes.append("the fold rewrite failed: no latency reference")
+        from .compare_fold import needs_calib_message
+        from .keep.norm_fit import norm_site_names
+
+        n = len(norm_site_names(original))
+        if "fold" in targets:
+            why = " (see the fold row's note)"
+        else:
+            why = f": {needs_calib_message(n)}" if n and calib is None else ""
+        rep.notes.append(f"the fold rewrite failed: no latency reference{why}")
     if sizes is not None:
         rep.batch_sweep = _sweep(original, [r for r in rep.rows if r.status == "ok"], models, sizes, batch_samples,
                                  eval_data, kind, x, heldout_name, progress,
@@ -543,8 +557,15 @@ def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, k
     from .rewriting.convert import rewrite
 
     row = CompareRow(target=t)
+    fitted = None
     try:
-        conv = rewrite(original, t, (x1,), groups=groups if t != "fold" else None)
+        if t == "fold":  # per-sample norms: fitted affines on calib first (normswap.compare_fold)
+            from .compare_fold import fold_conversion
+
+            task.advance(0, step="fit norms")
+            conv, fitted = fold_conversion(original, x1, calib, eval_data, outputs)
+        else:
+            conv = rewrite(original, t, (x1,), groups=groups)
     except NormswapError as e:
         row.status, row.note = "failed", str(e)
         return row if wanted else None
@@ -557,7 +578,14 @@ def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, k
     if t == "gn-ws":  # as convert's summary line says it
         row.plain_gn = sum(any("GN without weight standardization" in n for n in (a.to_dict().get("notes") or [])) for a in conv.actions)
     tgt = known[t]
-    row.exact_promised = True if tgt is None else bool(tgt.exact)
+    row.exact_promised = (fitted is None) if tgt is None else bool(tgt.exact)
+    if fitted is not None:  # the fitted affines changed the function: measured like a calibrated target
+        row.calibrated, row.refused = True, 0
+        kept = fitted.kept
+        row.note = (f"{len(fitted.folded)} of {len(fitted.choices)} per-sample norm(s) fitted as affines on the "
+                    f"calibration data and folded (as `convert --to fold --calib` with --fold-norms auto: the cheapest-first "
+                    f"sites within --max-drop {fitted.max_drop:g} on the held-out data)"
+                    + (f"; kept: {', '.join(kept[:4])}{', …' if len(kept) > 4 else ''}" if kept else ""))
     sites = [] if t == "fold" else None  # None: every swapped site
     task.advance(0, step="agreement")
     from .pipeline.runtime import Runtime

@@ -238,3 +238,26 @@ def test_a_saved_conversion_of_another_model_is_not_built_from_its_record(tmp_pa
     (saved / CONVERSION_JSON).write_text(json.dumps(rec))
     with pytest.raises(InputError, match="never runs the code it names"):
         run_conversion(str(saved), "fold", calib="digits")
+
+
+def test_fold_norms_recovery_regroups_into_the_default_recovery_batch(monkeypatch):
+    """--recover-steps on --to fold uses recovery's documented default batch (256 samples a step), as
+    `convert --recover-steps` does for swaps, unless --recover-batch is given (it used the calibration
+    batches as given)."""
+    from normswap.defaults import DEFAULT_RECOVER_BATCH
+    from normswap.keep import recover as R
+    from normswap.pipeline.fold_norms import fit_and_choose
+
+    seen = []
+
+    def fake(teacher, student, batches, **kw):
+        seen.append(kw["batch_size"])
+        return None
+
+    monkeypatch.setattr(R, "recover", fake)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    data = [(torch.randn(8, 1, 8, 8),) for _ in range(3)]
+    held = [(torch.randn(8, 1, 8, 8),)]
+    fit_and_choose(m, data, heldout=held, fold_norms="all", recover_steps=1, refit=False)
+    fit_and_choose(m, data, heldout=held, fold_norms="all", recover_steps=1, recover_batch=16, refit=False)
+    assert seen == [DEFAULT_RECOVER_BATCH, 16]

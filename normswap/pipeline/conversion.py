@@ -168,6 +168,8 @@ def run_conversion(
     std: Any = None,
     fold_norms: Any = None,
     max_drop: float | None = None,
+    front_latency: bool = False,
+    front_plot: str | Path | None = None,
 ) -> ConversionResult:
     """Run every stage of one conversion (module docstring) and return its :class:`ConversionResult`.
 
@@ -189,6 +191,9 @@ def run_conversion(
     ``device`` (``auto`` = the GPU when there is one) and ``amp`` (``bf16``/``fp16``, recovery only): where
     calibration and recovery run; ``workers``, ``size``, ``crop``, ``mean``, ``std``: how an image folder
     given to ``calib`` is read (:mod:`normswap.load.images`); see :mod:`normswap.pipeline.runtime`.
+    ``front_latency`` (``--front-latency``, with ``--to fold --calib``): also fold, export and time every point of
+    the front (:mod:`normswap.pipeline.fold_front`) and draw latency against held-out quality as a PNG at
+    ``front_plot`` (which implies it; default beside ``report`` as ``<report>.front.png``).
     """
     import torch
 
@@ -208,6 +213,13 @@ def run_conversion(
     if (fold_norms is not None or max_drop is not None) and (to != "fold" or calib is None):
         raise InputError("--fold-norms / --max-drop choose which per-sample norms --to fold replaces by fitted affines: "
                          "use them with --to fold --calib DATA")
+    front_latency = bool(front_latency or front_plot is not None)
+    if front_latency and (to != "fold" or calib is None):
+        raise InputError("--front-latency / --front-plot time the front of per-sample norms --to fold replaces by fitted "
+                         "affines: use them with --to fold --calib DATA")
+    from .stages import front_plot_path
+
+    front_png = front_plot_path(front_plot, report) if front_latency else None
     from normswap.keep.heldout import check_options
 
     check_options(output_kind, heldout, calib, decode, decode_tol)  # --output-kind, --heldout (with --calib)
@@ -228,7 +240,8 @@ def run_conversion(
         raise InputError(_BF16_ONNX)
     plot = drift_plot_path(report, save) if calib is not None and to != "fold" else None
     validate.output_paths(
-        {"--onnx": onnx, "--report": report, "--report's drift plot": plot if report is not None else None, "--save": save},
+        {"--onnx": onnx, "--report": report, "--report's drift plot": plot if report is not None else None, "--save": save,
+         "--front-plot": front_png},
         {"--weights": weights, "--samples": samples if isinstance(samples, (str, Path)) else None,
          "--calib": calib if isinstance(calib, (str, Path)) else None, "MODEL": spec_file(model),
          "--heldout": heldout if isinstance(heldout, (str, Path)) else None},
@@ -288,12 +301,16 @@ def run_conversion(
             fitted = fit_and_choose(loaded.model, data, heldout=held, heldout_name=hname, output_kind=output_kind,
                                     fold_norms=fold_norms, max_drop=DEFAULT_MAX_DROP if max_drop is None else max_drop,
                                     recover_steps=recover_steps, recover_batch=recover_batch, seed=seed, lr=lr,
-                                    progress=progress)
-            # the stage's wall time in its parts: fitting, measuring each site and the front, recovering
+                                    progress=progress, latency=front_latency)
+            # the stage's wall time in its parts: fitting, measuring each site and the front, timing the
+            # front (--front-latency), recovering
             spent = time.perf_counter() - t
             measure, rec = fitted.seconds.get("measure", 0.0), fitted.seconds.get("recover", 0.0)
-            seconds["fit norms"] = spent - measure - rec
+            lat = fitted.seconds.get("latency", 0.0)
+            seconds["fit norms"] = spent - measure - rec - lat
             seconds["measure norms"] = measure
+            if lat:
+                seconds["front latency"] = lat
             if rec:
                 seconds["recover"] = rec
         original = fitted.model  # what the fold must reproduce exactly (and parity checks it against)
@@ -415,6 +432,11 @@ def run_conversion(
         from normswap.keep.recover import save_drift_plot
 
         kept.plot = str(save_drift_plot(kept, plot))
+    if front_png is not None and fitted is not None and fitted.latency is not None:
+        from .front_plot import save_front_plot
+
+        fitted.latency.plot = str(save_front_plot(fitted, front_png))
+        result.outputs["front_plot"] = str(front_png)
     if report is not None:
         import json
 

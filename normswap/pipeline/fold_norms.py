@@ -11,11 +11,16 @@ The stage before the fold pass (which then folds every fitted affine exactly, li
    cheapest-first prefix whose measured drop stays within ``--max-drop`` (default
    :data:`DEFAULT_MAX_DROP`); every other site is kept and says why;
 5. **calibrate**: the chosen sites fitted closed loop (each on the student's own inputs, earlier chosen
-   sites already affine) — for a cheapest-first prefix, the front's own fit — then the model's readout
-   refit in closed form to the original's outputs (:mod:`normswap.keep.norm_readout`), kept only when it
-   lowers the held-out loss: the model the fold receives. (The front and the costs are measured before
-   the readout refit, so ``auto``'s choice errs on the side of keeping a site.)
+   sites already affine; for a cheapest-first prefix, the front's own fit); then each chosen site's
+   producer refit by least squares (:mod:`normswap.keep.producer_fit`), then the model's readout refit in
+   closed form to the original's outputs (:mod:`normswap.keep.norm_readout`), each kept only when it
+   lowers the held-out loss and does not lower the kind's primary measure: the model the fold receives.
+   (The front and the costs are measured with the affines alone, so ``auto``'s choice errs on the side
+   of keeping a site.)
 6. **recover** (``--recover-steps``): label-free distillation of that model onto the original, before the fold.
+
+With ``latency=True`` (``--front-latency``) every front point is also folded, exported and timed
+(:mod:`normswap.pipeline.fold_front`): its latency ×the original, and per site the latency it saves.
 
 Held-out quality is measured after the open-loop replacement ("naive"), the calibration and the recovery.
 """
@@ -103,7 +108,19 @@ class FoldNormsReport:
     base: float | None = None  # the original's quality against itself (1 for agreement)
     recovery: Any = None
     readout: Any = None  # normswap.keep.norm_readout.ReadoutRefit of the calibrated model
+    refit: Any = None  # RefitReport: the producers' least-squares refit after the affine fits
+    refit_measures: dict[str, Any] | None = None  # held-out measure and mean loss, affines alone / refit
+    refit_kept: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    latency: Any = None  # FrontLatency (normswap.pipeline.fold_front), with latency=True
+
+    def chosen_point(self) -> int | None:
+        """The front point (k) the chosen sites are — 0 when none is — or None when they are not a cheapest-first prefix."""
+        chosen = set(self.folded)
+        if not chosen:
+            return 0
+        k = len(chosen)
+        return k if k <= len(self.front) and set(self.front[k - 1].folded) == chosen else None
 
     def __bool__(self) -> bool:
         return self.changes_function
@@ -159,7 +176,21 @@ class FoldNormsReport:
                 "stages": [s.to_dict() for s in self.stages],
                 "readout": None if self.readout is None else self.readout.to_dict(),
                 "recovery": None if self.recovery is None else self.recovery.to_dict(),
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "refit": None if self.refit is None else {**self.refit.to_dict(), "kept": self.refit_kept,
+                                                          "heldout": self.refit_measures},
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **self._latency_dict()}
+
+    def _latency_dict(self) -> dict[str, Any]:
+        lat = self.latency
+        if lat is None:
+            return {}
+        order = self.front[-1].folded if self.front else []
+        r = lambda v: None if v is None else round(v, 5)
+        return {"latency": lat.to_dict(), "chosen_point": self.chosen_point(),
+                "latency_saved_ms": {n: r(lat.saved_ms(k)) for k, n in enumerate(order, start=1)},
+                "front_latency": [{"k": k, "folded": list(p.folded), "quality": p.quality, "latency_ms": r(ms),
+                                   "latency_vs_original": r(lat.ratio(ms))}
+                                  for k, (p, ms) in enumerate(zip(self.front, lat.points_ms), start=1)]}
 
     def __rich__(self) -> Any:
         from rich.console import Group
@@ -168,21 +199,37 @@ class FoldNormsReport:
         from normswap.report import Column, FittedTable
 
         f = lambda v, p=3: "" if v is None or v != v else f"{v:.{p}f}"
+        saved = self._latency_dict().get("latency_saved_ms")
         # R² in student: the closed-loop fit in the model that is folded; a kept site is not in it (its closed-loop
         # fit was made with every site replaced, a model no one gets), so it shows none
         rows = [[c.fit.name, c.fit.source, f(c.fit.spread_sigma), f(c.fit.spread_mu), f(c.fit.r2),
                  f(c.fit.r2_student) if c.folded else "",
-                 f(c.cost, 4), Text("folded" if c.folded else "kept", style="cyan" if c.folded else "yellow"),
-                 c.reason or ""] for c in self.choices]
+                 f(c.cost, 4)] + ([] if saved is None else [f(saved.get(c.fit.name))]) +
+                [Text("folded" if c.folded else "kept", style="cyan" if c.folded else "yellow"), c.reason or ""]
+                for c in self.choices]
         cols = [Column("site"), Column("type", drop=2), Column("σ spread", "right", drop=1), Column("μ spread", "right", drop=1),
-                Column("R² alone", "right"), Column("R² in student", "right", drop=3), Column("cost", "right"),
-                Column("action"), Column("why kept", fold=True)]
+                Column("R² alone", "right"), Column("R² in student", "right", drop=3), Column("cost", "right")] + (
+                [] if saved is None else [Column("saved ms", "right")]) + [Column("action"), Column("why kept", fold=True)]
         title = (f"per-sample norms as fitted affines (fit on {self.fits.samples} calibration samples; cost = "
-                 f"{self.measure} drop on {self._n()} with only that site replaced)")
+                 f"{self.measure} drop on {self._n()} with only that site replaced"
+                 + ("; saved ms = the onnxruntime latency its fold saves along the front)" if saved is not None else ")"))
         parts: list[Any] = [FittedTable(cols, rows, title=title)]
         if self.front:
-            steps = ", ".join(f"{len(p.folded)}: {f(p.quality, 4)}" for p in self.front)
-            parts.append(Text(f"front (sites replaced cheapest first → held-out {self.measure}, {self._n()}): {steps}"))
+            from .fold_front import front_table
+
+            parts.append(front_table(self))
+        if self.refit is not None and self.refit_measures is not None:
+            r, m = self.refit, self.refit_measures
+            verdict = ("kept" if self.refit_kept else
+                       "reverted, it did not lower the held-out loss" if not m["loss_after"] < m["loss_before"] else
+                       f"reverted, it lowered the held-out {self.measure}")
+            line = (f"{len(r.producers)} producer(s) refit by least squares to the norms' outputs ({r.samples} calibration "
+                    f"samples): held-out loss {m['loss_before']:.4g} → {m['loss_after']:.4g}, {self.measure} "
+                    f"{f(m['before'], 4)} → {f(m['after'], 4)}: {verdict}")
+            if r.skipped:
+                site, why = next(iter(r.skipped.items()))
+                line += f"; {len(r.skipped)} site(s) keep the affine alone ({site}: {why})"
+            parts.append(Text(line))
         if self.readout is not None:
             parts.append(Text(self.readout.line()))
         if self.stages:
@@ -203,8 +250,10 @@ def _count(data: Any) -> int | None:
 def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_name: str | None = None,
                    output_kind: Any = None, fold_norms: Any = "auto", max_drop: float = DEFAULT_MAX_DROP,
                    recover_steps: int = 0, recover_batch: int | None = None, seed: int = 0, lr: float | None = None,
-                   progress: Any = None) -> FoldNormsReport:
-    """Steps 1–6 of the module docstring on ``original`` (never changed); see :class:`FoldNormsReport`."""
+                   progress: Any = None, latency: bool = False, refit: bool = True) -> FoldNormsReport:
+    """Steps 1–6 of the module docstring on ``original`` (never changed); see :class:`FoldNormsReport`.
+    ``latency``: also time every front point (:func:`normswap.pipeline.fold_front.measure_front_latency`);
+    ``refit``: step 5's least-squares refit of the producers (the readout refit always runs, kept by the same rule)."""
     from normswap.keep.calibrate import agreement
     from normswap.keep.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from normswap.keep.kinds import detect
@@ -273,6 +322,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
                           max_drop=max_drop, base=base, seconds=seconds)
     if not chosen:
         rep.model = original
+        _front_latency(rep, latency, original, prefix_fits, order, eval_data, chosen, None)
         return rep
     t = time.perf_counter()
     if set(chosen) == set(order[:len(chosen)]):  # a cheapest-first prefix: its fit is already made
@@ -283,12 +333,30 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         if c.folded:
             c.fit = fits_for[c.fit.name]
     seconds["fit"] += time.perf_counter() - t
+    _front_latency(rep, latency, original, prefix_fits, order, eval_data, chosen, fits_for)
 
     def stage(name: str, model: Any) -> None:
         rep.stages.append(StageMetrics(stage=name, agreement=agreement(original, model, eval_data, output_kind=outputs)))
 
     stage("naive", affine_model(original, fits_for, chosen, loop="open"))
     rep.model = affine_model(original, fits_for, chosen, loop="closed")
+    if refit:
+        # the producers' least-squares refit (normswap.keep.producer_fit), kept as the readout refit is:
+        # when it lowers the held-out loss and does not lower the kind's primary measure
+        from normswap.keep.calibrate.metrics import heldout_losses
+        from normswap.keep.producer_fit import refit_producers_copy
+
+        t = time.perf_counter()
+        refitted, rep.refit = refit_producers_copy(original, rep.model, calib, chosen)
+        if rep.refit.producers:
+            (mb, lb), (ma, la) = (heldout_losses(original, m_, eval_data, outputs) for m_ in (rep.model, refitted))
+            rep.refit_measures = {"before": mb.quality, "after": ma.quality, "loss_before": float(lb.mean()),
+                                  "loss_after": float(la.mean()), "samples": int(lb.numel())}
+            rep.refit_kept = (float(la.mean()) < float(lb.mean())
+                              and (mb.quality is None or ma.quality is None or ma.quality >= mb.quality))
+            if rep.refit_kept:
+                rep.model = refitted
+        seconds["refit"] = time.perf_counter() - t
     t = time.perf_counter()
     rep.readout = refit_readout(original, rep.model, calib, eval_data, outputs)
     seconds["readout"] = time.perf_counter() - t
@@ -308,3 +376,17 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         rep.model.eval()
         stage("recovered", rep.model)
     return rep
+
+
+def _front_latency(rep: FoldNormsReport, latency: bool, original: Any, prefix_fits: list[Any], order: list[str],
+                   eval_data: Any, chosen: list[str], chosen_fits: Any) -> None:
+    if not latency:
+        return
+    from normswap.load.data import as_batches
+
+    from .fold_front import measure_front_latency
+
+    t = time.perf_counter()
+    x = next(iter(as_batches(eval_data)))[0]
+    rep.latency = measure_front_latency(original, prefix_fits, order, x, chosen=chosen, chosen_fits=chosen_fits)
+    rep.seconds["latency"] = time.perf_counter() - t

@@ -88,6 +88,17 @@ def drift_plot_path(report: Any, save: Any) -> Path | None:
     return None
 
 
+def front_plot_path(plot: Any, report: Any) -> Path | None:
+    """The front's PNG (``--front-latency``): ``plot`` when given, else beside the JSON report
+    (``<report>.front.png``), else none (the table still prints)."""
+    if plot is not None:
+        return Path(plot)
+    if report is not None:
+        report = Path(report)
+        return report.with_name(report.stem + ".front.png")
+    return None
+
+
 def spec_file(model: Any) -> str | None:
     from normswap import validate
 
