@@ -53,6 +53,23 @@ def _load(m: nn.Module, state: dict[str, Tensor]) -> None:
             v.copy_(state[k])
 
 
+def _call_with(mod: nn.Module, state: dict[str, Tensor], args: tuple[Any, ...]) -> Any:
+    """``functional_call(mod, state, args)`` without its reparametrization machinery when every key of
+    ``state`` is one of the module's own parameters or buffers: those entries are swapped in and put
+    back (a few dict writes instead of ≈0.5 ms per call, once per site and held-out batch)."""
+    own = [(mod._parameters if k in mod._parameters else mod._buffers, k) for k in state]
+    if not all(k in d and d[k] is not None for d, k in own):
+        return functional_call(mod, state, args)
+    saved = [d[k] for d, k in own]
+    try:
+        for (d, k) in own:
+            d[k] = state[k]
+        return mod(*args)
+    finally:
+        for (d, k), v in zip(own, saved):
+            d[k] = v
+
+
 def _rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
 
@@ -218,7 +235,7 @@ class _Heldout:
                     return
                 busy[0] = True
                 try:
-                    prev = functional_call(mod, previous[name], (args[0],))
+                    prev = _call_with(mod, previous[name], (args[0],))
                 finally:
                     busy[0] = False
                 errs[name][0].append(_sq_err(out, y))
@@ -248,7 +265,7 @@ class _Heldout:
                     if alt is not None and feats:
                         busy[0] = True
                         try:
-                            z = functional_call(head.linear, trained, (feats[-1],))
+                            z = _call_with(head.linear, trained, (feats[-1],))
                         finally:
                             busy[0] = False
                         leaves, spec = pytree.tree_flatten(out)
@@ -297,15 +314,18 @@ def never_worse(held: _Heldout, teacher: nn.Module, fits: dict[str, Any], mods: 
     refit = head is not None and readout_info is not None and bool(readout_info.get("refit"))
     scr = held.screen(teacher, mods if check else {}, naive_state, head if refit and check else None)
     fitted_state = {n: _state(m) for n, m in mods.items()}
-    for n, m in mods.items():  # the naive swap: every previous parameter, the trained readout
-        _load(m, naive_state[n])
-    if refit:
-        head.restore()
-    naive = held.naive() if held.record is not None else held.evaluate()
-    for n, m in mods.items():
-        _load(m, fitted_state[n])
-    if refit:
-        head.write()
+    if held.record is not None:  # the naive swap's outputs are in the record: no forward, nothing to load
+        naive = held.naive()
+    else:
+        for n, m in mods.items():  # the naive swap: every previous parameter, the trained readout
+            _load(m, naive_state[n])
+        if refit:
+            head.restore()
+        naive = held.evaluate()
+        for n, m in mods.items():
+            _load(m, fitted_state[n])
+        if refit:
+            head.write()
     samples = paired(naive.per_sample, naive.per_sample, held.reduce).n  # over every rank
     info: dict[str, Any] = {"loss": held.loss_name, "samples": samples, "loss_naive": naive.loss,
                             "loss_fitted": scr.fitted.loss, "naive": dict(naive.measures),
