@@ -171,3 +171,40 @@ def test_bad_example_inputs_are_an_input_error_up_front():
         check_example_inputs(m, (torch.randn(1, 5, 8, 8),))
     with pytest.raises(InputError, match="pass the shape it expects"):
         run_conversion(model=m, to="fold", input_shape=(1, 5, 8, 8))
+
+
+# ----------------------------------------------------------------------------------- the shared held-out pass
+
+
+@pytest.mark.parametrize("to", ["gn", "gn-ws"])
+def test_the_checks_from_the_naive_measures_record_decide_as_their_own_passes_would(original, to):
+    """keep_function hands calibrate its naive measure's pass over the held-out data (the original's outputs,
+    its site outputs, the naive swap's outputs): the checks run neither model again for them, and every
+    figure and decision is the one calibrate reaches with its own passes."""
+    from normswap.keep.calibrate.never_worse import HeldoutRecord
+    from normswap.keep.heldout import split_heldout
+    from normswap.keep.recover import keep_function
+
+    data = normswap.calibration_batches("digits", samples=160, batch=32)
+    conv = normswap.rewrite(original, to, (torch.zeros(2, 1, 8, 8),))
+    rep = keep_function(original, conv, data, progress=False)
+    shared = rep.calibration.heldout
+    assert "shared" in shared and "site outputs" in shared["shared"]
+    split = split_heldout(data)
+    own = calibrate(original, normswap.rewrite(original, to, (torch.zeros(2, 1, 8, 8),)), split.calib, heldout=split.heldout)
+    h = own.heldout
+    assert shared["passes"] == h["passes"] - 1  # the naive pass came with the record
+    for k in ("samples", "loss_naive", "loss_fitted", "loss_after", "kept_previous"):
+        assert shared[k] == pytest.approx(h[k], rel=1e-5, abs=1e-7), k
+    assert [d["kept"] for d in shared["trace"]] == [d["kept"] for d in h["trace"]]
+    assert [s["worse"] for s in shared["screen"]] == [s["worse"] for s in h["screen"]]
+    # over the memory budget: only the model outputs are kept, the original runs again for its site outputs
+    rec = HeldoutRecord(budget=0)
+    from normswap.keep.calibrate import agreement_and_drift
+
+    conv2 = normswap.rewrite(original, to, (torch.zeros(2, 1, 8, 8),))
+    agreement_and_drift(original, conv2.model, split.heldout, conversion=conv2, record=rec)
+    assert rec.complete and rec.sites is None and len(rec.refs) == len(rec.batches) > 0
+    r2 = calibrate(original, conv2, split.calib, heldout=split.heldout, heldout_record=rec)
+    assert r2.heldout["loss_after"] == pytest.approx(h["loss_after"], rel=1e-5, abs=1e-7)
+    assert "site outputs" not in r2.heldout["shared"]

@@ -40,6 +40,7 @@ from .sites import (
     is_fold_site,
     module_call_count,
     needs_shapes,
+    submodule,
     value_users,
 )
 
@@ -236,22 +237,30 @@ def _affine(bn: nn.Module, s: Tensor, t: Tensor, dtype: torch.dtype) -> nn.Modul
 
 
 def _copy_sharing_weights(model: nn.Module) -> tuple[nn.Module, set[int]]:
-    """Deep-copy ``model`` except its Conv/ConvTranspose/Linear layers, which stay shared objects.
+    """Deep-copy ``model`` except its Conv/ConvTranspose/Linear layers and its eval-mode BatchNorms, which stay shared objects.
 
     The fold never mutates them — it builds new modules with new weight tensors — and they hold no
     state a forward pass changes, so copying them first (as ``copy.deepcopy`` + torch.fx's ``fuse``
     do) is wasted work; :func:`_unshare` copies whatever of the caller's model is still referenced
-    at the end, so the result never aliases it.  (BatchNorms are copied: a forward pass in
-    training mode would update their statistics.)  Nothing here may flip a shared layer's
+    at the end, so the result never aliases it.  (A BatchNorm in training mode is copied: a forward
+    pass would update its statistics; :func:`_shareable_bn`.)  Nothing here may flip a shared layer's
     ``training`` flag: see :func:`_eval_owned`.
     Returns the copy and the ids of every module, parameter and buffer of the caller's model.
     """
     memo: dict[int, object] = {}
     for m in model.modules():
-        if isinstance(m, WEIGHTED):
+        if isinstance(m, WEIGHTED) or _shareable_bn(m):
             memo[id(m)] = m
     owned = {id(m) for m in model.modules()} | {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     return copy.deepcopy(model, memo), owned
+
+
+def _shareable_bn(m: nn.Module) -> bool:
+    """A plain BatchNorm already in eval mode, with no submodules: the fold only reads it (its folded
+    arithmetic makes new tensors), and a forward in eval mode (shape propagation) does not change its
+    statistics — so it need not be copied first either; one the fold leaves in place is copied by
+    :func:`_unshare` like every other module of the caller's still referenced at the end."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and not m._modules
 
 
 def _eval_owned(model: nn.Module, owned: set[int]) -> nn.Module:
@@ -295,7 +304,7 @@ def _needs_shapes(cap: Capture) -> bool:
     for part in cap.parts:
         gm = part.graph
         for n in gm.graph.nodes:
-            if n.op == "call_module" and is_norm_module(gm.get_submodule(n.target)) and needs_shapes(gm, n):
+            if n.op == "call_module" and is_norm_module(submodule(gm, n.target)) and needs_shapes(gm, n):
                 return True
     return False
 
@@ -497,8 +506,11 @@ def fold(
     # safety net: a BN the site search did not reach is reported, never silently left behind
     seen = {a.site for a in result.actions}
     for name, m in result.model.named_modules():
-        inside = any(name.startswith(f"{s}.") for s in seen)  # e.g. the GroupNorm of a NormAct site
-        if is_fold_site(m) and not isinstance(m, (ChannelAffine, FittedAffine)) and name not in seen and not inside:
+        if name in seen or isinstance(m, (ChannelAffine, FittedAffine)) or not is_fold_site(m):
+            continue
+        parts = name.split(".")
+        inside = any(".".join(parts[:i]) in seen for i in range(1, len(parts)))  # e.g. the GroupNorm of a NormAct site
+        if not inside:
             result.actions.append(SiteAction(name, type(m).__name__, "refuse", reason="not reached by the site search (please report)"))
     result.graphs = {p.qualname: p.graph for p in cap.parts}
     result.node_maps = maps

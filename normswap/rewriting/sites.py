@@ -266,9 +266,24 @@ def _num_features(m: nn.Module) -> int | None:
     return int(rm.numel()) if rm is not None else None
 
 
+def submodule(root: nn.Module, target: str) -> nn.Module:
+    """``root.get_submodule(target)`` through the ``_modules`` dicts directly (the site predicates look
+    modules up thousands of times per fold; torch's checks at every level cost more than the walk), with
+    torch's lookup — and its error — for anything the plain walk does not find."""
+    m = root
+    try:
+        for part in target.split(".") if target else ():
+            m = m._modules[part]
+    except (KeyError, AttributeError):
+        return root.get_submodule(target)
+    if m is None:
+        return root.get_submodule(target)
+    return m
+
+
 def node_module(gm: fx.GraphModule, n: Any) -> nn.Module | None:
     if isinstance(n, fx.Node) and n.op == "call_module":
-        return gm.get_submodule(n.target)
+        return submodule(gm, n.target)
     return None
 
 

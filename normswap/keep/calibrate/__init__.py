@@ -37,7 +37,9 @@ space (the original's outputs through the inverse link, probabilities clamped). 
 calibration data split off with a fixed seed, :mod:`normswap.keep.heldout`), the report measures the
 output kind's agreement (:mod:`normswap.keep.kinds`) on it before and after, and calibration never makes the
 kind's distillation loss on it worse (:mod:`normswap.keep.calibrate.never_worse`, two or three held-out
-passes whatever the number of sites): one screening pass scores the fitted model, the readout's
+passes whatever the number of sites; under :func:`keep_function <normswap.keep.recover.keep_function>` one or two of
+the student alone, the original's outputs and the naive swap's coming from its naive measure's pass over
+the same data, :class:`~normswap.keep.calibrate.never_worse.HeldoutRecord`): one screening pass scores the fitted model, the readout's
 trained weights on the same features, and at every site the paired per-sample error against the
 original with the fitted and the previous parameters; the readout refit, then the sites whose fit is
 worse there beyond noise (:func:`normswap.keep.calibrate.paired.paired`: > 2 standard errors of the paired

@@ -63,9 +63,8 @@ class AdviceTap:
             gn = self.mods[s.site]
             c, g_now = int(x.shape[1]), int(gn.num_groups)
             options = sorted({g for g in (1, g_now // 2, g_now * 2) if g >= 1 and c % g == 0} - {g_now})
-            ys = _sums(y, y)
-            scores = {g: _r2(F.group_norm(x, g, eps=gn.eps), y, ys) for g in options}
-            now = _r2(F.group_norm(x, g_now, eps=gn.eps), y, ys)
+            r2 = _r2_groups(x, y, [g_now, *options], gn.eps)  # every group count in one set of reductions
+            now, scores = r2[0], dict(zip(options, r2[1:]))
             cur.append(now)
             for g, v in scores.items():
                 tally.setdefault(g, []).append(v)
@@ -85,6 +84,23 @@ class AdviceTap:
         return [f"GroupNorm cannot match the original at {len(cur)} site(s): the best per-channel fit reaches R² "
                 f"{mean(cur):.2f} (mean){why}; {alt} reaches R² {mean(tally[best_g]):.2f} at the same sites "
                 f"(first {samples} calibration samples): try it"]
+
+
+def _r2_groups(x: Tensor, y: Tensor, groups: list[int], eps: float) -> list[float]:
+    """:func:`_r2` of ``GN_g(x)`` for ``y``, for every ``g`` of ``groups``: the normalized features stacked,
+    their per-channel sums taken together (float64), one read-back for all."""
+    z = torch.stack([F.group_norm(x, g, eps=eps) for g in groups])  # [K, N, C, *S]
+    dims = (1, *range(3, z.dim()))
+    m = y.numel() // y.shape[1]
+    sz = z.sum(dims, dtype=torch.float64)
+    szz = torch.linalg.vector_norm(z, 2, dims, dtype=torch.float64).square()
+    szy = (z * y).sum(dims, dtype=torch.float64)
+    ydims = (0, *range(2, y.dim()))
+    sy = y.sum(ydims, dtype=torch.float64)
+    syy = torch.linalg.vector_norm(y, 2, ydims, dtype=torch.float64).square()
+    vz, vy, cov = szz - sz * sz / m, (syy - sy * sy / m).clamp_min(0), szy - sz * sy / m
+    sse = vy - torch.where(vz > 0, cov * cov / vz.clamp_min(1e-300), torch.zeros_like(vz))
+    return (1 - sse.sum(1) / vy.sum().clamp_min(1e-300)).tolist()
 
 
 def _sums(a: Tensor, y: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ def calibrate(
     heldout_name: str | None = None,
     check: bool = True,
     readout_ridge: float | None = None,
+    heldout_record: Any = None,
 ) -> CalibrationReport:
     """Fit the swapped norms' γ, β (Switchable Norm: also its mixture; Batch-Instance Norm: also ρ) so
     each site's output matches the original BatchNorm's on ``batches`` (see the module docstring).
@@ -61,7 +62,11 @@ def calibrate(
     keep their previous parameters when that lowers the kind's loss on ``heldout`` (status
     ``kept-previous``), and if the result is still worse than the naive swap everything is put back
     (:mod:`normswap.keep.calibrate.never_worse`: two or three passes over ``heldout``). ``readout_ridge``: the readout's ridge
-    strength (default :data:`READOUT_RIDGE`).
+    strength (default :data:`READOUT_RIDGE`). ``heldout_record``: a
+    :class:`~normswap.keep.calibrate.never_worse.HeldoutRecord` of one pass of ``original`` and the still
+    naive swap over ``heldout`` (what :func:`~normswap.keep.recover.keep_function`'s naive measure leaves):
+    the checks then take the original's outputs and the naive swap's loss from it instead of running them
+    again (its batches are the held-out data; ignored under torch.distributed).
     """
     from ...rewriting.convert import Conversion
 
@@ -108,7 +113,7 @@ def calibrate(
     device = _model_device(student)
     held: _Heldout | None = None
     if heldout is not None:  # kept on the device; the original runs on it once, in the first check pass
-        held = _Heldout(student, heldout, active, group, rank, world, shard_batches, device)
+        held = _Heldout(student, heldout, active, group, rank, world, shard_batches, device, heldout_record)
     # GroupNorm sites keep a few samples' (x, y) for the advice, should their fit fail
     advice = AdviceTap(smod_of) if any(isinstance(m, nn.GroupNorm) for m in smod_of.values()) else None
 

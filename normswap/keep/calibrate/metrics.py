@@ -80,16 +80,19 @@ def layer_drift(original: nn.Module, model: nn.Module, inputs: Any, *, sites: Se
 
 
 def agreement_and_drift(original: nn.Module, model: nn.Module, inputs: Any, *, sites: Sequence[str] | None = None,
-                        conversion: Any = None, output_kind: Any = None) -> tuple[Measures, dict[str, float]]:
-    """:func:`agreement` and :func:`layer_drift` from one run of both models over ``inputs``."""
+                        conversion: Any = None, output_kind: Any = None, record: Any = None) -> tuple[Measures, dict[str, float]]:
+    """:func:`agreement` and :func:`layer_drift` from one run of both models over ``inputs``. ``record``: a
+    :class:`~normswap.keep.calibrate.never_worse.HeldoutRecord` to fill with the batches, both models'
+    outputs and the original's site outputs (for calibration's held-out checks, which then run neither again)."""
     names = list(sites) if sites is not None else swapped_sites(original, model, conversion)
-    return _evaluate(original, model, inputs, names, output_kind=output_kind)
+    return _evaluate(original, model, inputs, names, output_kind=output_kind, record=record)
 
 
 def _evaluate(original: nn.Module, model: nn.Module, inputs: Any, sites: Sequence[str], *, dist: Any = False,
-              shard_batches: bool = True, output_kind: Any = None) -> tuple[Measures, dict[str, float]]:
-    """Run both models (eval, flags restored) over ``inputs`` once: output agreement, and the
-    per-site drift of ``sites`` (float64 sums kept as tensors, read once at the end)."""
+              shard_batches: bool = True, output_kind: Any = None, record: Any = None) -> tuple[Measures, dict[str, float]]:
+    """Run both models (eval, flags restored, no grad) over ``inputs`` once: output agreement, and the
+    per-site drift of ``sites`` (float64 sums kept as tensors, read once at the end); ``record``: see
+    :func:`agreement_and_drift`."""
     active, group, rank, world = _dist_group(dist)
     smods = dict(model.named_modules())
     names = [n for n in sites if n in smods]
@@ -101,6 +104,8 @@ def _evaluate(original: nn.Module, model: nn.Module, inputs: Any, sites: Sequenc
             t = tap.pop(name)
             if t is None:
                 return
+            if record is not None:
+                record.site(name, t)
             y = t.double()
             o = out.detach().double()
             if o.shape == y.shape:
@@ -111,16 +116,25 @@ def _evaluate(original: nn.Module, model: nn.Module, inputs: Any, sites: Sequenc
     handles = [_inner(smods[n]).register_forward_hook(hook(n)) for n in names]
     agg = Meter(output_kind, original)
     device = _model_device(model)
+    if record is not None:
+        record.site_names = set(names)
     try:
-        with eval_mode(original, model):
+        with eval_mode(original, model), torch.no_grad():
             for batch in as_batches(inputs):
                 if active and shard_batches:
                     batch = local_batch(batch, rank, world)
                     if batch is None:
                         continue
                 batch = _to(batch, device)
-                agg.add(original(*batch), model(*batch))
+                if record is not None:
+                    record.begin(batch)
+                ref, out = original(*batch), model(*batch)
+                agg.add(ref, out)
+                if record is not None:
+                    record.end(ref, out)
                 tap.clear()
+        if record is not None:
+            record.complete = not active
     finally:
         for h in handles:
             h.remove()

@@ -11,6 +11,11 @@ Passes over the held-out data (each batch: the original once, the student once):
 2. **naive** — the student with every previous parameter: the loss calibration must not exceed.
 3. **revert** (only when some site screened worse) — those sites put back together.
 
+With a :class:`HeldoutRecord` (what :func:`normswap.keep.recover.keep_function`'s naive measure already ran:
+both models over the held-out data), pass 2 is not run — the naive swap's outputs are in the record — and
+pass 1 runs only the student: the original's outputs and its site outputs come from the record too (its
+site outputs only within :data:`RECORD_BYTES`; beyond it the original runs again in pass 1 for them).
+
 Each decision (readout; the screened-worse sites; everything vs the naive swap) keeps the option with
 the lower held-out kind loss — never worse on the held-out data — and records both losses with the
 paired noise figure and the sample count it rests on.
@@ -46,6 +51,23 @@ def _load(m: nn.Module, state: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for k, v in m.state_dict().items():
             v.copy_(state[k])
+
+
+def _call_with(mod: nn.Module, state: dict[str, Tensor], args: tuple[Any, ...]) -> Any:
+    """``functional_call(mod, state, args)`` without its reparametrization machinery when every key of
+    ``state`` is one of the module's own parameters or buffers: those entries are swapped in and put
+    back (a few dict writes instead of ≈0.5 ms per call, once per site and held-out batch)."""
+    own = [(mod._parameters if k in mod._parameters else mod._buffers, k) for k in state]
+    if not all(k in d and d[k] is not None for d, k in own):
+        return functional_call(mod, state, args)
+    saved = [d[k] for d, k in own]
+    try:
+        for (d, k) in own:
+            d[k] = state[k]
+        return mod(*args)
+    finally:
+        for (d, k), v in zip(own, saved):
+            d[k] = v
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -94,6 +116,57 @@ class _Acc:
         return _Eval(float(total[0] / total[1].clamp_min(1)), self.meter.result(), torch.cat(self.samples))
 
 
+#: the most memory (bytes) the original's site outputs on the held-out data may take in a :class:`HeldoutRecord`
+#: (beyond it the record keeps only the model outputs and the checks run the original again for its site outputs)
+RECORD_BYTES = 256 * 2 ** 20
+
+
+def _detached(out: Any) -> Any:
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+
+
+class HeldoutRecord:
+    """What one pass of the original and the still-naive swapped model over the held-out data leaves for
+    the checks, so they need not run either again: the batches, the original's outputs, the naive
+    swap's outputs and (within :data:`RECORD_BYTES`) the original's output at every site, per batch and
+    call. :func:`normswap.keep.recover.keep_function` fills it during its ``naive`` measure
+    (:func:`normswap.keep.calibrate.metrics.agreement_and_drift` with ``record=``) and hands it to
+    :func:`~normswap.keep.calibrate.calibrate` (``heldout_record=``) for the same held-out data."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.batches: list[tuple[Tensor, ...]] = []
+        self.refs: list[Any] = []
+        self.naive: list[Any] = []
+        #: per batch, per site, the original's output at each call (None: over the memory budget)
+        self.sites: list[dict[str, list[Tensor]]] | None = []
+        self.site_names: set[str] = set()  # the sites the pass tapped
+        self.bytes = 0
+        self.budget = RECORD_BYTES if budget is None else budget
+        self.complete = False
+
+    def begin(self, batch: tuple[Tensor, ...]) -> None:
+        self.batches.append(batch)
+        if self.sites is not None:
+            self.sites.append({})
+
+    def site(self, name: str, y: Tensor) -> None:
+        if self.sites is None:
+            return
+        self.bytes += y.numel() * y.element_size()
+        if self.bytes > self.budget:
+            self.sites = None
+            return
+        self.sites[-1].setdefault(name, []).append(y.detach())
+
+    def end(self, ref: Any, out: Any) -> None:
+        self.refs.append(_detached(ref))
+        self.naive.append(_detached(out))
+
+    def covers(self, names: Any) -> bool:
+        """Were the site outputs of every site in ``names`` recorded (when it ran)?"""
+        return self.sites is not None and set(names) <= self.site_names
+
+
 @dataclass
 class _Screen:
     fitted: _Eval
@@ -106,10 +179,16 @@ class _Heldout:
     (:meth:`screen`) and reused by every later one."""
 
     def __init__(self, student: nn.Module, data: Any, active: bool, group: Any, rank: int, world: int, shard: bool,
-                 device: torch.device) -> None:
+                 device: torch.device, record: HeldoutRecord | None = None) -> None:
         self.student, self.active, self.group, self.device = student, active, group, device
         self.batches: list[tuple[Tensor, ...]] = []
-        for b in as_batches(data):
+        self.refs: list[Any] = []
+        #: the held-out measure's pass of the original and the naive swap (its batches are the held-out data)
+        self.record = record if record is not None and record.complete and record.batches and not active else None
+        if self.record is not None:
+            self.batches = [_to(b, device) for b in self.record.batches]
+            self.refs = list(self.record.refs)
+        for b in (as_batches(data) if self.record is None else ()):
             if active and shard:
                 b = local_batch(b, rank, world)
                 if b is None:
@@ -117,7 +196,6 @@ class _Heldout:
             self.batches.append(_to(b, device))
         if not self.batches:
             raise InputError("the held-out data yielded no batches; give at least one sample")
-        self.refs: list[Any] = []
         self.outputs: Any = None
         self.loss_name = ""
 
@@ -132,7 +210,18 @@ class _Heldout:
                head: Any = None) -> _Screen:
         """Pass 1 (module docstring): the original's outputs (kept), the fitted student's loss, the loss
         with ``head``'s trained weights (when given: the readout was refit), and each site's paired error."""
-        tap = _TeacherTap(teacher, list(mods), reuse=True)
+        rec = self.record
+        # the original's site outputs from the record when it holds them: then the original does not run at all
+        cached = rec is not None and bool(self.refs) and rec.covers(mods)
+        tap = _TeacherTap(teacher, [] if cached else list(mods), reuse=True)
+        queues: dict[str, list[Tensor]] = {}
+
+        def pop(name: str) -> Tensor | None:
+            if not cached:
+                return tap.pop(name)
+            q = queues.get(name)
+            return q.pop(0) if q else None
+
         errs: dict[str, tuple[list[Tensor], list[Tensor]]] = {n: ([], []) for n in mods}
         busy = [False]
         feats: list[Tensor] = []
@@ -141,12 +230,12 @@ class _Heldout:
             def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
                 if busy[0]:
                     return
-                y = tap.pop(name)
+                y = pop(name)
                 if y is None or not isinstance(out, Tensor) or out.shape != y.shape:
                     return
                 busy[0] = True
                 try:
-                    prev = functional_call(mod, previous[name], (args[0],))
+                    prev = _call_with(mod, previous[name], (args[0],))
                 finally:
                     busy[0] = False
                 errs[name][0].append(_sq_err(out, y))
@@ -163,16 +252,20 @@ class _Heldout:
         try:
             with eval_mode(teacher, self.student), standardized_once(self.student), torch.no_grad():
                 for i, b in enumerate(self.batches):
-                    ref = teacher(*b)
-                    if keep:
-                        self.refs.append(ref)
+                    if cached:
+                        ref = self.refs[i]
+                        queues = {n: list(v) for n, v in rec.sites[i].items()}
+                    else:
+                        ref = teacher(*b)
+                        if keep:
+                            self.refs.append(ref)
                     out = self.student(*b)
                     n = int(b[0].shape[0])
                     fitted.add(ref, out, n)
                     if alt is not None and feats:
                         busy[0] = True
                         try:
-                            z = functional_call(head.linear, trained, (feats[-1],))
+                            z = _call_with(head.linear, trained, (feats[-1],))
                         finally:
                             busy[0] = False
                         leaves, spec = pytree.tree_flatten(out)
@@ -187,6 +280,13 @@ class _Heldout:
             tap.remove()
         sites = {n: paired(torch.cat(a), torch.cat(b), self.reduce) for n, (a, b) in errs.items() if a}
         return _Screen(fitted.result(), alt.result() if alt is not None else None, sites)
+
+    def naive(self) -> _Eval:
+        """The naive swap over the held-out data, from the record (no forward)."""
+        acc = _Acc(self)
+        for b, ref, out in zip(self.batches, self.refs, self.record.naive):
+            acc.add(ref, out, int(b[0].shape[0]))
+        return acc.result()
 
     def evaluate(self) -> _Eval:
         """The student as it is now, over the held-out data (the original's outputs from :meth:`screen`)."""
@@ -214,26 +314,33 @@ def never_worse(held: _Heldout, teacher: nn.Module, fits: dict[str, Any], mods: 
     refit = head is not None and readout_info is not None and bool(readout_info.get("refit"))
     scr = held.screen(teacher, mods if check else {}, naive_state, head if refit and check else None)
     fitted_state = {n: _state(m) for n, m in mods.items()}
-    for n, m in mods.items():  # the naive swap: every previous parameter, the trained readout
-        _load(m, naive_state[n])
-    if refit:
-        head.restore()
-    naive = held.evaluate()
-    for n, m in mods.items():
-        _load(m, fitted_state[n])
-    if refit:
-        head.write()
+    if held.record is not None:  # the naive swap's outputs are in the record: no forward, nothing to load
+        naive = held.naive()
+    else:
+        for n, m in mods.items():  # the naive swap: every previous parameter, the trained readout
+            _load(m, naive_state[n])
+        if refit:
+            head.restore()
+        naive = held.evaluate()
+        for n, m in mods.items():
+            _load(m, fitted_state[n])
+        if refit:
+            head.write()
     samples = paired(naive.per_sample, naive.per_sample, held.reduce).n  # over every rank
     info: dict[str, Any] = {"loss": held.loss_name, "samples": samples, "loss_naive": naive.loss,
                             "loss_fitted": scr.fitted.loss, "naive": dict(naive.measures),
                             # the primary measure and its name (a decoder's are its own, not the registry's)
                             "primary": naive.measures.primary, "label": naive.measures.label}
+    own = 2 if held.record is None else 1  # with the record, the naive swap's loss came from the held-out measure's pass
+    if held.record is not None:
+        info["shared"] = ("the original's held-out outputs" + (" and site outputs" if held.record.covers(mods) else "")
+                          + " and the naive swap's outputs from the held-out measure's pass")
     if not check:
-        info.update(loss_after=scr.fitted.loss, after=dict(scr.fitted.measures), checked=False, passes=2)
+        info.update(loss_after=scr.fitted.loss, after=dict(scr.fitted.measures), checked=False, passes=own)
         return info
     by_site = {s.site: s for s in sites}
     trace: list[dict[str, Any]] = []
-    cur, passes = scr.fitted, 2
+    cur, passes = scr.fitted, own
     if refit and scr.readout_previous is not None:
         d = _decision(held, "readout", cur, scr.readout_previous)
         trace.append(d)

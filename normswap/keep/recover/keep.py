@@ -94,6 +94,7 @@ def keep_function(
     checks (see :func:`~normswap.keep.calibrate.calibrate`) and recovery's keep-best (it ends on the weights of
     its best held-out evaluation, the calibrated ones included, when that is lower beyond noise). ``amp``: recovery's mixed precision (:func:`recover`).
     Returns a :class:`FunctionReport`."""
+    from ..calibrate.never_worse import HeldoutRecord
     from ..heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from ..kinds import detect
 
@@ -122,11 +123,15 @@ def keep_function(
     def truth(m: nn.Module) -> float | None:
         return None if y is None else accuracy(m, x, y, output_kind=outputs)
 
-    def measure(stage: str) -> StageMetrics:
-        agree, drift = agreement_and_drift(original, model, eval_data, sites=sites, output_kind=outputs)
+    def measure(stage: str, record: Any = None) -> StageMetrics:
+        agree, drift = agreement_and_drift(original, model, eval_data, sites=sites, output_kind=outputs, record=record)
         return StageMetrics(stage=stage, agreement=agree, accuracy=truth(model), drift=drift)
 
-    rep = FunctionReport(target=conversion.to, evaluated_on=where, original_accuracy=truth(original), stages=[measure("naive")],
+    # the naive measure's pass of both models over the held-out data is kept for calibration's checks,
+    # which then run neither model again for the original's outputs or the naive swap's loss
+    record = HeldoutRecord() if calibrate_ and heldout is not None else None
+    rep = FunctionReport(target=conversion.to, evaluated_on=where, original_accuracy=truth(original),
+                         stages=[measure("naive", record)],
                          output_kind=outputs.describe(), truth_label=outputs.kind.truth_label,
                          truth_proportion=getattr(outputs.kind, 'truth_proportion', False), heldout=split_info)
     if calibrate_:
@@ -138,7 +143,8 @@ def keep_function(
         with (progress.stage("calibrate", total=total) if hasattr(progress, "stage") else contextlib.nullcontext()) as task:
             rep.calibration = calibrate(original, conversion, calib, on_batch=None if task is None else task.advance,
                                         output_kind=outputs, heldout=eval_data if heldout is not None else None,
-                                        heldout_name=where, check=check)
+                                        heldout_name=where, check=check, heldout_record=record)
+        record = None  # (its tensors are not needed any more)
         rep.seconds["calibrate"] = time.perf_counter() - t0
         rep.stages.append(measure("calibrated"))
         check_finite_model(model, "calibration", rep.stages[-1].agreement)
