@@ -167,7 +167,7 @@ def front_table(rep: Any) -> Any:
     foot: list[Any] = []
     if lat is not None:
         foot.append(Text(f"latency: {lat.runtime}; each point folded by the fold pass (the other per-sample norms kept); "
-                         f"saved = the point before minus this one; timing noise ≈ {f(lat.noise_ms, 4)} ms", style="dim"))
+                         f"saved = the point before minus this one; timing noise ≈ {_us(lat.noise_ms)}", style="dim"))
         if lat.chosen_ms is not None:
             q = next((st.agreement.quality for st in rep.stages if st.stage == "calibrated"), None)
             foot.append(Text(f"the chosen sites (not a cheapest-first prefix): {f(lat.chosen_ms, 3)} ms, "
@@ -178,3 +178,11 @@ def front_table(rep: Any) -> Any:
     else:
         foot.append(Text("latency not measured: add --front-latency", style="dim"))
     return FittedTable(cols, rows, title=title, footnotes=foot)
+
+
+def _us(ms: float | None) -> str:
+    """A timing noise in microseconds, as precise as it can be read."""
+    if ms is None:
+        return "unmeasured"
+    us = ms * 1e3
+    return "< 0.1 µs" if us < 0.05 else f"{us:.1f} µs"

@@ -81,7 +81,8 @@ def save_front_plot(rep: Any, path: str | os.PathLike[str]) -> Path:
     pts += [(k, lat.ratio(ms), p.quality) for k, (p, ms) in enumerate(zip(rep.front, lat.points_ms), start=1)]
     good = [(k, x, y) for k, x, y in pts if x is not None and y is not None]
     d.text((L, 14), "Folding per-sample norms: latency against held-out quality", fill="black", font=f18)
-    sub = (f"sites folded cumulatively, cheapest first (their affine fits alone); {rep.measure} against the original on {rep._n()} "
+    against = "" if "original" in rep.measure else " against the original"
+    sub = (f"sites folded cumulatively, cheapest first (their affine fits alone); {rep.measure}{against} on {rep._n()} "
            f"({rep.evaluated_on})")
     for i, text in enumerate(_wrap(d, _ascii(sub), f13, W - L - 20)[:2] + [_ascii(f"latency: {lat.runtime}")]):
         d.text((L, 40 + 16 * i), text, fill=_GREY, font=f13)
@@ -129,7 +130,7 @@ def save_front_plot(rep: Any, path: str | os.PathLike[str]) -> Path:
             d.text((L - 8 - d.textlength(s, font=f13), yy - 7), s, fill="black", font=f13)
         xl = "onnxruntime latency, x the original's (left = faster)"
         d.text((L + PW / 2 - d.textlength(xl, font=f13) / 2, T + PH + 30), xl, fill="black", font=f13)
-        yl = f"held-out {rep.measure}"
+        yl = _ascii(f"held-out {rep.measure}")
         tw = math.ceil(d.textlength(yl, font=f13)) + 4
         label = Image.new("RGBA", (tw, 20), (255, 255, 255, 0))
         ImageDraw.Draw(label).text((0, 0), yl, fill="black", font=f13)
@@ -201,13 +202,14 @@ def save_front_plot(rep: Any, path: str | os.PathLike[str]) -> Path:
     ly += 14
     for i, n_ in enumerate(order, start=1):  # which site each k adds
         if ly > T + PH + 40:
-            d.text((lx, ly), "…", fill=_GREY, font=f13)
+            d.text((lx, ly), "...", fill=_GREY, font=f13)
             break
         ms = lat.saved_ms(i)
         d.text((lx, ly), f"{i}: + {n_}" + ("" if ms is None else f"  saves {ms * 1e3:.0f} us"), fill=_GREY, font=f13)
         ly += 17
     d.text((L, H - 26), "saves: the latency that site's fold saves along the front, with the cheaper sites folded "
-           f"(timing noise about {(lat.noise_ms or 0) * 1e3:.1f} us)", fill=_GREY, font=f13)
+           + ("(timing noise under 0.1 us)" if (lat.noise_ms or 0) * 1e3 < 0.05
+            else f"(timing noise about {(lat.noise_ms or 0) * 1e3:.1f} us)"), fill=_GREY, font=f13)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return Path(path)
