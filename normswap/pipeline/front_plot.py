@@ -1,7 +1,7 @@
 """The front's PNG: onnxruntime latency (×the original, x) against held-out quality (y), one point per
 prefix of sites folded cheapest first; the original, the chosen point and the all-folded point marked.
 
-Drawn with PIL in the style of ``normswap compare``'s batch-sweep PNG (:func:`normswap.compare._save_sweep_plot`)."""
+Drawn with PIL in the style of ``normswap compare``'s batch-sweep PNG (:func:`normswap.compare_sweep._save_sweep_plot`)."""
 
 from __future__ import annotations
 
