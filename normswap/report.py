@@ -23,6 +23,7 @@ _STYLE = {
     "ws-baked": "green",
     "affine": "yellow",
     "refuse": "red",
+    "kept": "yellow",
 }
 
 

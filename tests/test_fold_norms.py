@@ -184,7 +184,7 @@ def test_fold_norms_names_and_option_rules():
                          input_shape=(1, 1, 6, 6))
     acts = {a.site: a for a in res.conversion.actions}
     assert acts["4"].action == "into-producer"
-    assert acts["1"].action == "refuse" and "not named in --fold-norms" in acts["1"].reason
+    assert acts["1"].action == "kept" and "not named in --fold-norms" in acts["1"].reason
     assert res.verdict.word == "CONVERTED" and "function changed" in res.verdict.line and res.exit_code == 0
     assert isinstance(res.model.get_submodule("1"), nn.InstanceNorm2d)
     assert res.to_dict()["fold_norms"]["sites"][1]["folded"] is True

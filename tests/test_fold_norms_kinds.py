@@ -58,7 +58,7 @@ def test_auto_keeps_the_instance_norms_of_a_contrast_invariant_net_and_folds_its
     assert [n for n, s in by.items() if s["folded"]] == ["c3.1"]
     acts = {a.site: a for a in res.conversion.actions}
     for site in ("stem.1", "c2.1"):
-        assert acts[site].action == "refuse" and acts[site].reason.startswith("kept as InstanceNorm2d: auto:")
+        assert acts[site].action == "kept" and acts[site].reason.startswith("kept as InstanceNorm2d: auto:")
         assert "> --max-drop 0.005" in acts[site].reason and f"(alone: {by[site]['cost']:.4f})" in acts[site].reason
     assert by["stem.1"]["cost"] > 0.2 and by["stem.1"]["sigma_spread"] > 0.5  # the gain and offset it removes
     assert by["c3.1"]["cost"] <= 0.005

@@ -144,7 +144,7 @@ class FoldNormsReport:
         why = {c.fit.name: c.reason for c in self.choices if not c.folded}
         for a in conversion.actions:
             if a.site in why:
-                a.reason = f"kept as {a.type}: {why[a.site]}"
+                a.action, a.reason = "kept", f"kept as {a.type}: {why[a.site]}"
         if not any(a.rewritten for a in conversion.actions):
             raise RewriteError(self.nothing_folded())
 

@@ -26,7 +26,7 @@ class SiteAction:
 
     @property
     def rewritten(self) -> bool:
-        return self.action != "refuse"
+        return self.action not in ("refuse", "kept")
 
     def to_dict(self) -> dict[str, Any]:
         d = {"site": self.site, "type": self.type, "action": self.action, "target": self.target,

@@ -73,6 +73,7 @@ FOLD_ACTIONS = {
     "affine": "replaced by a per-channel scale-and-shift",
     "ws-baked": "weight-standardized convolution replaced by a plain one holding the standardized weights",
     "refuse": "left unchanged",
+    "kept": "kept as it is: a per-sample norm --fold-norms did not choose (the reason says why)",
 }
 
 
