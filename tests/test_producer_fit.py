@@ -254,3 +254,23 @@ def test_digits_norm_models_fold_all_at_099_calibrated(norm):
                          heldout=[(xte[i:i + 150],) for i in range(0, len(xte), 150)], fold_norms="all")
     assert rep.refit_kept and len(rep.folded) == 9
     assert rep.stages[-1].agreement.quality >= 0.99
+
+
+def test_too_few_calibration_rows_keep_the_affine():
+    """A producer with fewer than MIN_ROWS_PER_INPUT rows per fitted input would fit noise: it keeps its
+    affine (decided on the first batch, the producer untouched), and says why; the others refit."""
+    m = _model()
+    data = [(torch.rand(2, 1, 8, 8) * 3,)]  # 2 samples: fc1 has 2 rows for 9 inputs, c1 128 rows for 10
+    names = norm_site_names(m)
+    fits = fit_norm_affines(m, data)
+    student = affine_model(m, fits, names)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    rep = P.refit_producers(m, student, data, names)
+    assert "n3" in rep.skipped and "too few calibration rows" in rep.skipped["n3"] and "fc1" in rep.skipped["n3"]
+    assert "n1" in rep.producers  # 2 × 64 positions = 128 rows ≥ 4 × 10 inputs
+    for k in ("fc1.weight", "fc1.bias", "n3.scale", "n3.shift"):
+        assert torch.equal(student.state_dict()[k], before[k]), k
+    # the same rule for data that cannot be counted up front (a one-shot iterator): decided at the end
+    student2 = affine_model(m, fits, names)
+    rep2 = P.refit_producers(m, student2, iter(data), names)
+    assert "n3" in rep2.skipped and torch.equal(student2.n3.scale, before["n3.scale"])

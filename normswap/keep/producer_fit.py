@@ -13,15 +13,18 @@ solved per convolution group from running float64 sums ``pᵀp``, ``pᵀy`` (eac
 activations' precision, summed in float64; memory O(g·d²) with
 ``d = C_in/g · k + 1``, independent of the data size). The affine is the special case ``W' = s·W``, so
 the fit can only lower the calibration error; the ridge pulls toward it where the data do not decide.
-It streams in graph order, closed loop, like the affine fits: each producer refits at every batch and
-returns its refitted output, so later sites see the refitted earlier ones. The site's affine becomes
+It streams in graph order, closed loop, like the affine fits: each producer refits at every batch (once
+its rows determine the fit: until then it returns the affine's output) and returns its refitted output,
+so later sites see the refitted earlier ones. The site's affine becomes
 the identity (the producer now outputs the normalized value), which the fold folds exactly.
 
 The readout (the model's final Linear) is refit afterwards by :mod:`normswap.keep.norm_readout`.
 
 A site gets no producer refit, and says why (:func:`can_refit`), when the model is not traceable by
 torch.fx, its input is not the direct output of a Conv1d/Conv2d/Linear module called once and used only
-by the site, or the producer's Gram matrix would pass :data:`MAX_GRAM_ELEMENTS`.
+by the site, the producer's Gram matrix would pass :data:`MAX_GRAM_ELEMENTS`, or the calibration data
+give fewer than :data:`MIN_ROWS_PER_INPUT` rows per fitted input (decided on the first batch when the
+data can be counted, so the closed loop never sees a refit it will not keep).
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ __all__ = ["PRODUCER_RIDGE", "MAX_GRAM_ELEMENTS", "RefitReport", "find_producers
 PRODUCER_RIDGE = 1e-3
 #: a producer's Gram matrices (g · d², float64) above this many elements are not accumulated: 2²² (32 MiB)
 MAX_GRAM_ELEMENTS = 1 << 22
+#: fewer calibration rows (samples × output positions) than this many per fitted input and the least
+#: squares would fit the calibration data's noise (a layer4 1×1 conv of 2049 inputs on 32 images of 3×3
+#: positions has 288 rows): that producer keeps its affine
+MIN_ROWS_PER_INPUT = 4
 _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
@@ -143,6 +150,8 @@ class _Producer:
         self.G = w.new_zeros(self.g, d, d)
         self.R = w.new_zeros(self.g, d, cout // self.g)
         self.queue: deque[Tensor] = deque()
+        self.rows = 0
+        self.too_few: str | None = None  # why this producer keeps its affine (too few rows), once known
 
     def _rows(self, x: Tensor) -> Tensor:
         """The producer's inputs as ``[g, rows, d-1]`` (a conv's patches, a Linear's features)."""
@@ -171,10 +180,13 @@ class _Producer:
         # one batch's products in the activations' precision (float32: rows of one batch), summed in float64
         p = self._rows(x).float() if x.dtype in (torch.float16, torch.bfloat16) else self._rows(x)
         p = torch.cat([p, p.new_ones(p.shape[0], p.shape[1], 1)], 2)
+        self.rows += int(p.shape[1])
         pt = p.transpose(1, 2)
         self.G += (pt @ p).to(torch.float64)
         self.R += (pt @ self._targets(y).to(p.dtype)).to(torch.float64)
         d = self.G.shape[1]
+        if self.rows < MIN_ROWS_PER_INPUT * d:  # not yet determined: the closed loop keeps seeing the affine
+            return
         lam = PRODUCER_RIDGE * torch.diagonal(self.G, dim1=1, dim2=2)[:, :-1].mean(1).clamp_min(1e-30) + 1e-30
         pen = torch.eye(d, dtype=self.G.dtype, device=self.G.device).expand(self.g, d, d).clone()
         pen[:, -1, -1] = 0.0
@@ -223,10 +235,17 @@ def refit_producers(original: nn.Module, student: nn.Module, data: Any, sites: I
     if not found:
         return rep
     prods = {s: _Producer(s, smods[p], smods[s]) for s, p in found.items()}
+    affines = {s: (smods[s].scale.detach().clone(), smods[s].shift.detach().clone()) for s in found}
     for s in found:  # the producer now outputs the normalized value
         with torch.no_grad():
             smods[s].scale.fill_(1.0)
             smods[s].shift.zero_()
+    total = _sample_count(data)
+
+    def too_few(pr: _Producer, rows: int) -> str | None:
+        need = MIN_ROWS_PER_INPUT * pr.W0.shape[1]
+        return None if rows >= need else (f"too few calibration rows to refit its producer {found[pr.site]} "
+                                          f"({rows:,} for {pr.W0.shape[1]:,} inputs; needs {need:,})")
 
     def teacher(pr: _Producer):
         def fn(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -237,8 +256,13 @@ def refit_producers(original: nn.Module, student: nn.Module, data: Any, sites: I
         def fn(m: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor:
             if not pr.queue:
                 raise InputError(f"site {pr.site} ran more often in the copy than in the original; cannot refit it")
-            pr.add(args[0], pr.queue.popleft())
-            return pr.forward(args[0])
+            y = pr.queue.popleft()
+            if pr.rows == 0 and pr.too_few is None and total is not None:  # first batch: rows per sample × samples
+                per = pr._rows(args[0]).shape[1] / max(int(args[0].shape[0]), 1)
+                pr.too_few = too_few(pr, int(per * total))
+            if pr.too_few is None:
+                pr.add(args[0], y)
+            return pr.forward(args[0])  # W is W0 (the affine, folded) while nothing is added
         return fn
 
     handles = [omods[s].register_forward_hook(teacher(pr)) for s, pr in prods.items()]
@@ -255,9 +279,30 @@ def refit_producers(original: nn.Module, student: nn.Module, data: Any, sites: I
         for h in handles:
             h.remove()
     for s, pr in prods.items():
+        why = pr.too_few or too_few(pr, pr.rows)  # (data that cannot be counted: decided at the end)
+        if why is not None:  # keeps its affine; the producer is untouched
+            with torch.no_grad():
+                smods[s].scale.copy_(affines[s][0])
+                smods[s].shift.copy_(affines[s][1])
+            rep.skipped[s] = why
+            continue
         pr.write()
         rep.producers[s] = found[s]
     return rep
+
+
+def _sample_count(data: Any) -> int | None:
+    """How many samples ``data`` holds, when it is known without a pass (a CalibrationData's
+    ``num_samples``) or can be counted without consuming it (a list or tuple of batches); else None."""
+    n = getattr(data, "num_samples", None)
+    if isinstance(n, int):
+        return n
+    if not isinstance(data, (list, tuple)):
+        return None
+    try:
+        return sum(int(b[0].shape[0]) for b in as_batches(data))
+    except Exception:  # noqa: BLE001 - not countable: decided at the end
+        return None
 
 
 def refit_producers_copy(original: nn.Module, student: nn.Module, data: Any,
