@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..load.data import as_batches
 from ..errors import InputError
-from ..rewriting.layers import FittedAffine
+from ..rewriting.layers import FittedAffine, channel_affine
 from ..rewriting.norm_sites import inner_norm, norm_family, norm_post_ops, num_channels
 from ..parity import eval_mode
 from ..rewriting.passes import set_module
@@ -200,12 +200,7 @@ class _Probe(nn.Module):
         y = site.queue.popleft()
         site.closed = site._add(site.closed, channel_sums(x, y, site.axis))
         s, t, _ = solve_affine(site.closed)
-        shape = (-1,) if site.axis == -1 or x.dim() == 2 else (1, -1) + (1,) * (x.dim() - 2)
-        out = x * s.to(x.dtype).reshape(shape) + t.to(x.dtype).reshape(shape)
-        for post in (self.drop, self.act):
-            if post is not None:
-                out = post(out)
-        return out
+        return channel_affine(x, s.to(x.dtype), t.to(x.dtype), site.axis, self.drop, self.act)
 
 
 def fit_norm_affines(original: nn.Module, data: Any, *, names: Iterable[str] | None = None,

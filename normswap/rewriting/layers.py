@@ -5,6 +5,19 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
+def channel_affine(x: Tensor, scale: Tensor, shift: Tensor, axis: int = 1,
+                   drop: nn.Module | None = None, act: nn.Module | None = None) -> Tensor:
+    """``act(drop(s_c · x_c + t_c))`` with the channels on ``axis`` (1 for ``[N, C, *S]``; -1, or any
+    2-D ``x``, for the last axis), each post-op skipped when None."""
+    shape = (-1,) if axis == -1 or x.dim() == 2 else (1, -1) + (1,) * (x.dim() - 2)
+    x = x * scale.reshape(shape) + shift.reshape(shape)
+    if drop is not None:
+        x = drop(x)
+    if act is not None:
+        x = act(x)
+    return x
+
+
 class ChannelAffine(nn.Module):
     """``y = post(s_c · x_c + t_c)`` along dim 1: an eval BatchNorm that had nothing to fold into.
 
@@ -27,13 +40,7 @@ class ChannelAffine(nn.Module):
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        x = x * self.scale.reshape(shape) + self.shift.reshape(shape)
-        if self.drop is not None:
-            x = self.drop(x)
-        if self.act is not None:
-            x = self.act(x)
-        return x
+        return channel_affine(x, self.scale, self.shift, 1, self.drop, self.act)
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}"
@@ -106,13 +113,7 @@ class FittedAffine(nn.Module):
         return self.scale.numel()
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (-1,) if self.axis == -1 or x.dim() == 2 else (1, -1) + (1,) * (x.dim() - 2)
-        x = x * self.scale.reshape(shape) + self.shift.reshape(shape)
-        if self.drop is not None:
-            x = self.drop(x)
-        if self.act is not None:
-            x = self.act(x)
-        return x
+        return channel_affine(x, self.scale, self.shift, self.axis, self.drop, self.act)
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}, axis={self.axis}, fitted to {self.source or 'a norm'}"
