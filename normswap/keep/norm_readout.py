@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ReadoutRefit", "refit_readout"]
+__all__ = ["ReadoutRefit", "refit_readout", "improves"]
 
 
 @dataclass
@@ -64,6 +64,14 @@ class ReadoutRefit:
         return what + f": reverted, {why}"
 
 
+def improves(loss_before: float | None, loss_after: float | None, measure_before: float | None,
+             measure_after: float | None) -> bool:
+    """The keep rule of every refit after the affine fits: the held-out loss is lower and the kind's primary
+    measure (when both are known) is not."""
+    return (loss_before is not None and loss_after is not None and loss_after < loss_before
+            and (measure_before is None or measure_after is None or measure_after >= measure_before))
+
+
 def refit_readout(original: nn.Module, model: nn.Module, calib: Any, heldout: Any, outputs: Any) -> ReadoutRefit:
     """Refit ``model``'s readout in place to ``original``'s outputs on ``calib``; put the trained one back
     unless the held-out loss (the kind of ``outputs``) is lower with the refit. ``original`` is not changed."""
@@ -77,7 +85,7 @@ def refit_readout(original: nn.Module, model: nn.Module, calib: Any, heldout: An
     lb, la = h.get("loss_naive"), h.get("loss_after")
     key = h.get("primary")
     mb, ma = (h.get("naive") or {}).get(key), (h.get("after") or {}).get(key)
-    kept = lb is not None and la is not None and la < lb and (mb is None or ma is None or ma >= mb)
+    kept = improves(lb, la, mb, ma)
     if not kept:
         model.load_state_dict(before)
     return ReadoutRefit(r["module"], r.get("link"), kept, r.get("rel_before"), r.get("rel_after"), lb, la,

@@ -258,7 +258,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
     from normswap.keep.heldout import HELDOUT_FRACTION, HELDOUT_SEED, split_heldout
     from normswap.keep.kinds import detect
     from normswap.keep.norm_fit import affine_model, fit_norm_affines, norm_site_names
-    from normswap.keep.norm_readout import refit_readout
+    from normswap.keep.norm_readout import improves, refit_readout
     from normswap.keep.recover.keep import _split_eval
     from normswap.keep.recover.report import StageMetrics
 
@@ -352,8 +352,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
             (mb, lb), (ma, la) = (heldout_losses(original, m_, eval_data, outputs) for m_ in (rep.model, refitted))
             rep.refit_measures = {"before": mb.quality, "after": ma.quality, "loss_before": float(lb.mean()),
                                   "loss_after": float(la.mean()), "samples": int(lb.numel())}
-            rep.refit_kept = (float(la.mean()) < float(lb.mean())
-                              and (mb.quality is None or ma.quality is None or ma.quality >= mb.quality))
+            rep.refit_kept = improves(float(lb.mean()), float(la.mean()), mb.quality, ma.quality)
             if rep.refit_kept:
                 rep.model = refitted
         seconds["refit"] = time.perf_counter() - t
