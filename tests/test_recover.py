@@ -238,3 +238,42 @@ def test_augmentation_noise_is_scaled_to_the_batch_and_seeded():
     (again,) = _augment((x,), shift=0, noise=0.125)
     assert torch.equal(noisy, again)
     assert float((noisy - x).std()) == pytest.approx(0.125 * float(x.std()), rel=0.02)
+
+
+class _Recording(torch.nn.Module):
+    """A regression (or logits) teacher that records every training-step input it labels."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.normswap_output_kind = kind
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            self.seen.append(x.detach().clone())
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("kind, mixed", [("regression", False), ("logits", True)])
+def test_recovery_mixes_inputs_only_where_the_kind_allows_it(kind, mixed):
+    """Regression outputs are distilled on the inputs as they are (shifts aside): no mixup
+    (Kind.mixup, measured in heads.Regression); a classifier's inputs are mixed. The report says which."""
+    from normswap.keep.kinds import outputs_for
+
+    torch.manual_seed(0)
+    teacher = _Recording(kind)
+    student = copy.deepcopy(teacher)
+    data = [torch.randn(16, 4) for _ in range(2)]
+    outputs = outputs_for(torch.zeros(2, 3), kind)
+    assert outputs.mixup is mixed
+    rep = recover(teacher, student, data, steps=3, progress=False, batch_size=None, output_kind=outputs, keep_best=False)
+    assert rep.mixup is mixed and rep.to_dict()["mixup"] is mixed
+    rows = torch.cat(data)
+    trained_on = [x for x in teacher.seen if x.shape[0] == 16]
+    assert trained_on
+    unmixed = all(bool((torch.cdist(x, rows, compute_mode="donot_use_mm_for_euclid_dist").min(1).values < 1e-6).all()) for x in trained_on)
+    assert unmixed is not mixed
+    # --no-augment turns the mixing off for every kind
+    assert recover(teacher, copy.deepcopy(teacher), data, steps=1, progress=False, batch_size=None,
+                   output_kind=outputs, augment=False).mixup is False

@@ -19,6 +19,7 @@ class Decoded(Kind):
     def __init__(self, base: Kind, fn: Any, tol: float, *, unit: str = "", spec: str = "") -> None:
         self.base, self.fn, self.tol, self.unit, self.spec = base, fn, float(tol), unit, spec
         self.name = base.name
+        self.mixup = base.mixup
         u = f" {unit}" if unit else ""
         self.measures = ("decoded_within", "decoded_mad", *base.measures)
         self.labels = {"decoded_within": f"decoded within ±{tol:g}{u}", "decoded_mad": f"decoded mean |Δ|{f' ({unit})' if unit else ''}",

@@ -85,6 +85,11 @@ class Outputs:
         return self.kind.primary
 
     @property
+    def mixup(self) -> bool:
+        """Recovery may mix pairs of inputs only when every output's kind allows it (:attr:`Kind.mixup`)."""
+        return all(k.mixup for k in self.kinds)
+
+    @property
     def label(self) -> str:
         return self.kind.labels[self.primary]
 

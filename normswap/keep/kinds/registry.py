@@ -62,6 +62,9 @@ class Kind(ABC):
     #: a row's argmax is what a user reads (a class, a bin): the verdict quotes top-1 agreement beside the
     #: primary. False for independent labels, whose argmax means nothing.
     argmax_is_read = True
+    #: recovery's augmentation may mix pairs of inputs (mixup; the original labels each mixture). False
+    #: for a kind where that was measured to cost the student its function (:class:`~.heads.Regression`).
+    mixup = True
 
     @property
     def primary(self) -> str:

@@ -11,9 +11,10 @@ logits: T²·KL(softmax(t/T) ‖ softmax(s/T)); probabilities: the same KL on lo
 KL on the logits log(p/(1−p)); regression: (s − t)² over the teacher's per-output variance; dense:
 per-pixel KL. Held-out agreement (the kind's primary measure: top-1 agreement, label agreement, R²,
 pixel agreement) is what ``heldout`` evaluations, ``keep_best`` and the progress bar show.
-Adam (default lr 1e-3, cosine-decayed to 0 over ``steps``), one batch per step, cycling over the data
+Adam (default lr 3e-3, cosine-decayed to 0 over ``steps``), one batch per step, cycling over the data
 in order. With ``augment`` (default) each batch is remixed before the teacher labels it: every sample is
-mixed with another of the batch (mixup, λ ~ U(0, 1)), optionally gets Gaussian noise (``noise`` × the
+mixed with another of the batch (mixup, λ ~ U(0, 1); not for regression outputs, where it was measured
+to cost R²: :attr:`normswap.keep.kinds.Kind.mixup`), optionally gets Gaussian noise (``noise`` × the
 batch's standard deviation; :data:`DEFAULT_NOISE`) and images are shifted by up to ``shift`` pixels
 — the teacher provides the targets, so any input is a valid training example, and a few hundred
 calibration samples then cover far more of the input space (on the digits model this is what brings

@@ -29,6 +29,7 @@ class RecoveryReport:
     feature_weight: float = 0.0
     schedule: str = "cosine"
     augment: bool = True
+    mixup: bool = True  # augment mixed pairs of inputs (the output kind decides: Kind.mixup)
     noise: float = 0.0
     world_size: int = 1
     batch_size: int | None = None  # None: the data's own batches
@@ -54,7 +55,7 @@ class RecoveryReport:
             "steps": self.steps, "start_step": self.start_step, "end_step": self.end_step,
             "stopped_early": self.stopped_early, "resumed": self.resumed, "seed": self.seed, "lr": self.lr,
             "temperature": self.temperature, "feature_weight": self.feature_weight,
-            "schedule": self.schedule, "augment": self.augment, "noise": self.noise, "batch_size": self.batch_size, "world_size": self.world_size, "seconds": round(self.seconds, 3),
+            "schedule": self.schedule, "augment": self.augment, "mixup": self.mixup, "noise": self.noise, "batch_size": self.batch_size, "world_size": self.world_size, "seconds": round(self.seconds, 3),
             "agreement_before": {k: r(v) for k, v in self.agreement_before.items()},
             "agreement_after": {k: r(v) for k, v in self.agreement_after.items()},
             "heldout_evals": [[st, r(a)] for st, a in self.heldout_evals], "best_step": self.best_step,

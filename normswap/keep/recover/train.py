@@ -96,8 +96,8 @@ def _kd_loss_logits(s_out: Any, t_out: Any, temperature: float) -> Tensor:
     return ((s - t) ** 2).sum() / (t * t).sum().clamp_min(1e-12)
 
 
-def _augment(batch: tuple[Tensor, ...], shift: int, noise: float = 0.0) -> tuple[Tensor, ...]:
-    """Label-free KD can train on any input the teacher labels, so every sample of the first input is
+def _augment(batch: tuple[Tensor, ...], shift: int, noise: float = 0.0, mix: bool = True) -> tuple[Tensor, ...]:
+    """Label-free KD can train on any input the teacher labels, so (with ``mix``) every sample of the first input is
     mixed with another of the batch, x' = λ·x_i + (1 − λ)·x_j (λ ~ U(0, 1) per sample, j a random
     permutation), gets Gaussian noise of ``noise`` × the batch's standard deviation, and for images
     [N, C, H, W] is translated by up to ``shift`` pixels (zero padding). Uses the global torch RNG
@@ -106,9 +106,11 @@ def _augment(batch: tuple[Tensor, ...], shift: int, noise: float = 0.0) -> tuple
     if not x.is_floating_point() or x.shape[0] < 2:
         return batch
     n = x.shape[0]
-    perm = torch.randperm(n, device=x.device)
-    lam = torch.rand(n, device=x.device, dtype=x.dtype).reshape((n,) + (1,) * (x.dim() - 1))
-    out = lam * x + (1 - lam) * x[perm]
+    out = x
+    if mix:
+        perm = torch.randperm(n, device=x.device)
+        lam = torch.rand(n, device=x.device, dtype=x.dtype).reshape((n,) + (1,) * (x.dim() - 1))
+        out = lam * x + (1 - lam) * x[perm]
     if noise > 0:
         out = out + torch.randn_like(out) * (noise * x.std())
     if shift > 0 and out.dim() == 4:
@@ -312,6 +314,7 @@ def recover(
     if not isinstance(outputs, Outputs):
         outputs = first.outputs or outputs_for(torch.zeros(1, 2), outputs or "logits")
     rep.output_kind, rep.measure = outputs.describe(), outputs.label
+    rep.mixup = bool(augment and outputs.mixup)  # the kind decides whether inputs are mixed (Kind.mixup)
 
     names = list(sites) if sites is not None else (swapped_sites(teacher, model, conv) if feature_weight > 0 else [])
     tap = _TeacherTap(teacher, names) if feature_weight > 0 else None
@@ -388,7 +391,7 @@ def recover(
                         continue
                 batch = _to(batch, device)
                 if augment:
-                    batch = _augment(batch, shift, noise)
+                    batch = _augment(batch, shift, noise, mix=rep.mixup)
                 with prec.autocast():
                     if tap is not None:
                         tap.enabled = True
