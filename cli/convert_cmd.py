@@ -85,7 +85,7 @@ def convert(
     seed: SeedOpt = 0,
     lr: LrOpt = DEFAULT_LR,
     fold_norms: Annotated[Optional[str], typer.Option("--fold-norms", help="with --to fold --calib: which per-sample norms (GroupNorm, LayerNorm, ...) become fitted affines and fold: auto (while the held-out drop stays within --max-drop), all, or site names separated by commas.")] = None,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="with --fold-norms auto: the largest held-out drop of the output kind's quality allowed (default 0.005).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="with --fold-norms auto: the largest held-out drop of the output kind's quality allowed (default 0.01).")] = None,
     front_latency: Annotated[bool, typer.Option("--front-latency", help="with --to fold --calib: also fold, export and time (onnxruntime CPU, batch 1, 1 thread) every point of the front (sites folded cheapest first): a table of held-out quality against latency ×the original, the latency each site saves, and a PNG (see --front-plot). Off by default: it adds 2-4 s to the digits models' fit-norms stage (one fold, ONNX export and timing per front point).")] = False,
     front_plot: Annotated[Optional[Path], typer.Option("--front-plot", help="the front's PNG, latency against held-out quality, the chosen point marked (implies --front-latency; default: beside --report as NAME.front.png).", show_default=False)] = None,
     images: Annotated[Optional[int], typer.Option("--images", help="the model takes a list of this many images (C,H,W from --input-shape); torchvision detectors are recognised and default to 1. The ONNX takes exactly that many.")] = None,

@@ -415,8 +415,8 @@ def _measure(original: nn.Module, t: str, wanted: bool, x: Tensor, x1: Tensor, k
         row.calibrated, row.refused = True, 0
         kept = fitted.kept
         row.note = (f"{len(fitted.folded)} of {len(fitted.choices)} per-sample norm(s) fitted as affines on the "
-                    f"calibration data and folded (as `convert --to fold --calib` with --fold-norms auto: the cheapest-first "
-                    f"sites within --max-drop {fitted.max_drop:g} on the held-out data)"
+                    f"calibration data and folded (as `convert --to fold --calib` with --fold-norms auto: the sites whose "
+                    f"held-out drop stays within --max-drop {fitted.max_drop:g})"
                     + (f"; kept: {', '.join(kept[:4])}{', …' if len(kept) > 4 else ''}" if kept else ""))
     sites = [] if t == "fold" else None  # None: every swapped site
     task.advance(0, step="agreement")

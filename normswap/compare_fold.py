@@ -2,7 +2,7 @@
 
 Folding such a model means ``convert --to fold --calib``: each per-sample norm fitted as a per-channel affine
 on the calibration data, the sites chosen by ``--fold-norms auto`` (cheapest first while the held-out drop
-stays within the default ``--max-drop``), then the fold pass. :func:`fold_conversion` runs exactly that
+stays within the default ``--max-drop``, or all of them when, refit, they stay within it), then the fold pass. :func:`fold_conversion` runs exactly that
 (:func:`normswap.pipeline.fold_norms.fit_and_choose`), so compare's fold row — and the latency every other
 row is relative to — is the model ``convert`` would write. Without calibration data it says so."""
 

@@ -9,14 +9,15 @@ The stage before the fold pass (which then folds every fitted affine exactly, li
    only its sites replaced: the held-out quality after each — the compute/quality front to choose from;
 4. **choose** (``--fold-norms``): ``all``; a comma-separated list of site names; or ``auto``: the longest
    cheapest-first prefix whose measured drop stays within ``--max-drop`` (default
-   :data:`DEFAULT_MAX_DROP`); every other site is kept and says why;
+   :data:`DEFAULT_MAX_DROP`), and when that stops short of every site, every site folded *with* step 5's
+   refits, measured, taken instead when it stays within ``--max-drop``; every other site is kept and says why;
 5. **calibrate**: the chosen sites fitted closed loop (each on the student's own inputs, earlier chosen
    sites already affine; for a cheapest-first prefix, the front's own fit); then each chosen site's
    producer refit by least squares (:mod:`normswap.keep.producer_fit`), then the model's readout refit in
    closed form to the original's outputs (:mod:`normswap.keep.norm_readout`), each kept only when it
    lowers the held-out loss and does not lower the kind's primary measure: the model the fold receives.
-   (The front and the costs are measured with the affines alone, so ``auto``'s choice errs on the side
-   of keeping a site.)
+   (The front and the costs are measured with the affines alone; only the all-sites point is also
+   measured refit, so ``auto``'s choice of a shorter prefix errs on the side of keeping a site.)
 6. **recover** (``--recover-steps``): label-free distillation of that model onto the original, before the fold.
 
 With ``latency=True`` (``--front-latency``) every front point is also folded, exported and timed
@@ -38,9 +39,10 @@ __all__ = ["DEFAULT_MAX_DROP", "FOLD_NORMS_MODES", "SiteChoice", "FrontPoint", "
            "fit_and_choose"]
 
 #: ``auto`` folds sites while the held-out quality drop (top-1 agreement for a classifier) stays within
-#: half a point: the bar the issue sets for "keeps its function" (within 0.5% of the original), and on
-#: a few hundred held-out samples about the smallest drop one can resolve (1 sample in 200).
-DEFAULT_MAX_DROP = 0.005
+#: one point: the bar of MLPerf Inference's closed division (99% of the reference's quality) and the
+#: issue's own (≥ 0.99 agreement calibrated). At 0.005 (half a point, 2 samples in 450, within the
+#: noise of such a held-out set) auto kept 2 of digits_gn's 9 GroupNorms that folded at 0.9933.
+DEFAULT_MAX_DROP = 0.01
 FOLD_NORMS_MODES = ("auto", "all")
 
 
@@ -79,6 +81,17 @@ class SiteChoice:
 
 
 @dataclass
+class _Calibrated:
+    """Step 5's model and what each refit did (:func:`fit_and_choose`)."""
+
+    model: Any
+    refit: Any = None
+    refit_measures: dict[str, Any] | None = None
+    refit_kept: bool = False
+    readout: Any = None
+
+
+@dataclass
 class FrontPoint:
     """The first ``len(folded)`` sites (cheapest first) replaced: the held-out quality."""
 
@@ -111,6 +124,9 @@ class FoldNormsReport:
     refit: Any = None  # RefitReport: the producers' least-squares refit after the affine fits
     refit_measures: dict[str, Any] | None = None  # held-out measure and mean loss, affines alone / refit
     refit_kept: bool = False
+    #: auto, when the affines alone stopped short of every site: all of them folded and refit, measured
+    #: (sites, affines_alone: the prefix length, quality, drop, accepted: folded all)
+    auto_all: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     latency: Any = None  # FrontLatency (normswap.pipeline.fold_front), with latency=True
 
@@ -165,6 +181,15 @@ class FoldNormsReport:
                 + (f"{math.ceil(drop * 1e4) / 1e4:.4f}" if drop is not None else "1")
                 + f" or --fold-norms {cheapest} (--recover-steps can win part of the drop back)")
 
+    def auto_all_line(self) -> str:
+        """What auto's second look (every site folded, with the refits) measured and decided."""
+        a = self.auto_all or {}
+        drop = "unmeasured" if a.get("drop") is None else f"{a['drop']:.4f}"
+        head = (f"auto: the affines alone stay within --max-drop {self.max_drop:g} for {a.get('affines_alone')} of "
+                f"{a.get('sites')} site(s); all {a.get('sites')} folded with the producers' and the readout's refit cost "
+                f"{drop} in held-out {self.measure}")
+        return head + (": all folded" if a.get("accepted") else f" > --max-drop {self.max_drop:g}: the prefix is kept")
+
     def _n(self) -> str:
         return f"{self.heldout_samples} samples" if self.heldout_samples is not None else "the held-out data"
 
@@ -178,6 +203,7 @@ class FoldNormsReport:
                 "recovery": None if self.recovery is None else self.recovery.to_dict(),
                 "refit": None if self.refit is None else {**self.refit.to_dict(), "kept": self.refit_kept,
                                                           "heldout": self.refit_measures},
+                "auto_all": self.auto_all,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **self._latency_dict()}
 
     def _latency_dict(self) -> dict[str, Any]:
@@ -218,6 +244,8 @@ class FoldNormsReport:
             from .fold_front import front_table
 
             parts.append(front_table(self))
+        if self.auto_all is not None:
+            parts.append(Text(self.auto_all_line(), style=None if self.auto_all["accepted"] else "yellow"))
         if self.refit is not None and self.refit_measures is not None:
             r, m = self.refit, self.refit_measures
             verdict = ("kept" if self.refit_kept else
@@ -320,6 +348,49 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
     rep = FoldNormsReport(model=None, fits=fits, choices=choices, front=front, evaluated_on=heldout_name or "held-out data",
                           heldout_samples=_count(eval_data), output_kind=outputs.describe(), measure=measure, mode=mode,
                           max_drop=max_drop, base=base, seconds=seconds)
+
+    def calibrated(fits_for: Any, sites: list[str]) -> _Calibrated:
+        """Step 5 on ``sites``: the closed-loop affines, the producers' refit, the readout refit."""
+        from normswap.keep.calibrate.metrics import heldout_losses
+        from normswap.keep.producer_fit import refit_producers_copy
+
+        c = _Calibrated(affine_model(original, fits_for, sites, loop="closed"))
+        if refit:
+            # the producers' least-squares refit (normswap.keep.producer_fit), kept as the readout refit is:
+            # when it lowers the held-out loss and does not lower the kind's primary measure
+            t = time.perf_counter()
+            refitted, c.refit = refit_producers_copy(original, c.model, calib, sites)
+            if c.refit.producers:
+                (mb, lb), (ma, la) = (heldout_losses(original, m_, eval_data, outputs) for m_ in (c.model, refitted))
+                c.refit_measures = {"before": mb.quality, "after": ma.quality, "loss_before": float(lb.mean()),
+                                    "loss_after": float(la.mean()), "samples": int(lb.numel())}
+                c.refit_kept = improves(float(lb.mean()), float(la.mean()), mb.quality, ma.quality)
+                if c.refit_kept:
+                    c.model = refitted
+            seconds["refit"] = seconds.get("refit", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        c.readout = refit_readout(original, c.model, calib, eval_data, outputs)
+        seconds["readout"] = seconds.get("readout", 0.0) + time.perf_counter() - t
+        return c
+
+    result: _Calibrated | None = None
+    if mode == "auto" and refit and len(chosen) < len(names):
+        # the front measures the affines alone; the refits after them can win back what an affine cannot
+        # divide by (digits_gn: all 9 sites 0.9867 alone, 0.9933 refit), so auto also measures every site
+        # folded, refit, and folds them all when that stays within --max-drop
+        trial = calibrated(fits, list(names))
+        q = quality(trial.model)
+        drop = None if q is None or base is None else base - q
+        accepted = drop is not None and drop <= max_drop
+        rep.auto_all = {"sites": len(names), "affines_alone": len(chosen), "quality": q, "drop": drop, "accepted": accepted}
+        if accepted:
+            chosen, result = list(names), trial
+            rep.choices = choices = [SiteChoice(fits[n], True, None, cost[n]) for n in names]
+        else:
+            also = "unmeasured" if drop is None else f"{drop:.4f}"
+            for c in choices:
+                if not c.folded:
+                    c.reason += f"; all {len(names)} folded and refit cost {also}"
     if not chosen:
         rep.model = original
         _front_latency(rep, latency, original, prefix_fits, order, eval_data, chosen, None)
@@ -339,26 +410,10 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         rep.stages.append(StageMetrics(stage=name, agreement=agreement(original, model, eval_data, output_kind=outputs)))
 
     stage("naive", affine_model(original, fits_for, chosen, loop="open"))
-    rep.model = affine_model(original, fits_for, chosen, loop="closed")
-    if refit:
-        # the producers' least-squares refit (normswap.keep.producer_fit), kept as the readout refit is:
-        # when it lowers the held-out loss and does not lower the kind's primary measure
-        from normswap.keep.calibrate.metrics import heldout_losses
-        from normswap.keep.producer_fit import refit_producers_copy
-
-        t = time.perf_counter()
-        refitted, rep.refit = refit_producers_copy(original, rep.model, calib, chosen)
-        if rep.refit.producers:
-            (mb, lb), (ma, la) = (heldout_losses(original, m_, eval_data, outputs) for m_ in (rep.model, refitted))
-            rep.refit_measures = {"before": mb.quality, "after": ma.quality, "loss_before": float(lb.mean()),
-                                  "loss_after": float(la.mean()), "samples": int(lb.numel())}
-            rep.refit_kept = improves(float(lb.mean()), float(la.mean()), mb.quality, ma.quality)
-            if rep.refit_kept:
-                rep.model = refitted
-        seconds["refit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rep.readout = refit_readout(original, rep.model, calib, eval_data, outputs)
-    seconds["readout"] = time.perf_counter() - t
+    if result is None:
+        result = calibrated(fits_for, chosen)
+    rep.model, rep.refit, rep.refit_measures, rep.refit_kept, rep.readout = (
+        result.model, result.refit, result.refit_measures, result.refit_kept, result.readout)
     stage("calibrated", rep.model)
     if recover_steps:
         from normswap.defaults import DEFAULT_LR, DEFAULT_RECOVER_BATCH
