@@ -145,3 +145,41 @@ def test_other_commands_validate_their_numbers(tmp_path):
     assert_one_line_error(run("compare", "--runs", "0"), 2, "--runs")
     assert_one_line_error(run("inspect", "--groups", "0"), 2, "--groups")
     assert_one_line_error(run("recover", str(tmp_path), "--calib", "digits", "--lr", "-1"), 2, "--lr")
+
+
+def _bn(**set_: float) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 0.25, 4.0]))
+        bn.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+        for name, v in set_.items():
+            tensor, i = name.rsplit("_", 1)
+            getattr(bn, {"rm": "running_mean", "rv": "running_var", "w": "weight", "b": "bias"}[tensor])[int(i)] = v
+    return bn
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"rm_0": math.nan}, "running statistics contain NaN or Inf"), ({"rm_1": math.inf}, "running statistics contain NaN or Inf"),
+    ({"rv_2": math.nan}, "running statistics contain NaN or Inf"), ({"rv_0": math.inf}, "running statistics contain NaN or Inf"),
+    ({"rv_0": -math.inf}, "running statistics contain NaN or Inf"),
+    ({"rv_1": -1e-7}, "running_var has negative entries"),  # σ² + ε still > 0: only the range test sees it
+    ({"w_0": math.nan}, "affine weight or bias contains NaN or Inf"), ({"w_2": -math.inf}, "affine weight or bias contains NaN or Inf"),
+    ({"b_1": math.inf}, "affine weight or bias contains NaN or Inf"),
+    ({"w_0": 1e38, "rv_0": 0.0}, "overflows float32"),
+])
+def test_every_reason_a_batchnorm_has_no_exact_affine_is_found_behind_the_one_combined_check(bad, needle):
+    """bn_params checks the common case with one combined test and looks for the reason only when it
+    fails: each bad statistic or parameter must still be caught, with its own reason."""
+    from normswap.rewriting.fold import bn_scale_shift
+    from normswap.rewriting.sites import bn_params
+
+    good = bn_params(_bn())
+    s, t = bn_scale_shift(good.running_mean, good.running_var, good.weight, good.bias, good.eps)
+    assert torch.equal(good.scale, s) and torch.equal(good.shift, t) and good.scale.dtype == torch.float64
+    why = bn_params(_bn(**bad))
+    assert isinstance(why, str) and needle in why, why
+    zero = _bn(rv_1=0.0)
+    zero.eps = 0.0
+    assert "running_var + eps is 0 in 1 channel(s)" in bn_params(zero)

@@ -84,6 +84,9 @@ class BNParams:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
+    # float64 (s, t) of BN(x) = s·x + t, computed by the check (bn_scale_shift)
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
 
 def _is_timm(m: nn.Module, names: set[str]) -> bool:
@@ -141,23 +144,29 @@ def bn_params(m: nn.Module) -> BNParams | str:
         return "no running statistics (track_running_stats=False): it normalizes with batch statistics even in eval"
     if getattr(rm, "is_meta", False) or isinstance(rm, nn.parameter.UninitializedBuffer):
         return "running statistics are not materialized (lazy module never run)"
+    from .fold import bn_scale_shift
+
+    w, b, eps = getattr(m, "weight", None), getattr(m, "bias", None), float(m.eps)
+    scale, shift = bn_scale_shift(rm, rv, w, b, eps)
+    dtype = w.dtype if w is not None and w.is_floating_point() else rm.dtype
+    limit = torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    # one check covers every reason below (a NaN/Inf in μ, σ², γ, β or a zero σ²+ε makes s or t
+    # non-finite; σ² = +Inf or σ² < 0 fails the range test): the reason itself is sought only when it fails
+    if bool((torch.isfinite(scale) & torch.isfinite(shift) & (rv >= 0) & (rv < math.inf) & (scale.abs() <= limit)).all()):
+        return BNParams(rm, rv, w, b, eps, scale, shift)
     if not torch.isfinite(rm).all() or not torch.isfinite(rv).all():
         return "running statistics contain NaN or Inf"
     if (rv < 0).any():
         return "running_var has negative entries"
-    w = getattr(m, "weight", None)
-    b = getattr(m, "bias", None)
     if w is not None and not torch.isfinite(w).all() or b is not None and not torch.isfinite(b).all():
         return "affine weight or bias contains NaN or Inf"
-    eps = float(m.eps)
     zero = int(((rv.detach().to(torch.float64) + eps) <= 0).sum())
     if zero:  # 1/√(σ²+ε) is infinite: the BN itself outputs Inf/NaN, no finite fold exists
         return f"running_var + eps is 0 in {zero} channel(s) (eps={eps:g}): the BN divides by zero"
     scale = (1.0 if w is None else w.detach().to(torch.float64).abs()) * torch.rsqrt(rv.detach().to(torch.float64) + eps)
-    dtype = w.dtype if w is not None and w.is_floating_point() else rm.dtype
     if dtype.is_floating_point and bool((scale > torch.finfo(dtype).max).any()):
         return f"the folded scale γ/√(σ²+ε) overflows {str(dtype).replace('torch.', '')}: the fold would not be finite"
-    return BNParams(rm, rv, w, b, eps)
+    return "the folded shift β − μ·γ/√(σ²+ε) is not finite (it overflows float64)"
 
 
 NEEDS_CALIBRATION = ("needs calibration data: it normalizes with per-sample statistics, so its eval-time affine is "
@@ -187,16 +196,14 @@ def _unfitted(m: nn.Module) -> str:
 
 
 def _bn_affine(m: nn.Module) -> SiteAffine | str:
-    """Closed form: ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` (:func:`normswap.rewriting.fold.bn_scale_shift`)."""
-    from .fold import bn_scale_shift
-
+    """Closed form: ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` (:func:`normswap.rewriting.fold.bn_scale_shift`, by :func:`bn_params`)."""
     why = bn_kind_reason(m)
     if why is not None:
         return why
     p = bn_params(m)
     if isinstance(p, str):
         return p
-    s, t = bn_scale_shift(p.running_mean, p.running_var, p.weight, p.bias, p.eps)
+    s, t = p.scale, p.shift
     return SiteAffine(s, t, p.weight.dtype if p.weight is not None else p.running_mean.dtype, p)
 
 
