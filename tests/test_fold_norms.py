@@ -193,6 +193,19 @@ def test_fold_norms_names_and_option_rules():
     assert res.to_dict()["fold_norms"]["sites"][1]["folded"] is True
 
 
+def test_the_stage_line_gives_the_held_out_count_once():
+    """Without --heldout the 20% split is named with its count; the stage line does not repeat it."""
+    from rich.console import Console
+
+    from normswap.pipeline import run_conversion
+
+    res = run_conversion(_style_net(), "fold", calib=_scaled_data(200, 0), fold_norms="4", input_shape=(1, 1, 6, 6))
+    console = Console(width=400, record=True)
+    console.print(res.fitted)
+    line = next(ln for ln in console.export_text().splitlines() if ln.startswith("naive "))
+    assert "seeded split" in line and line.count(f"{res.fitted.heldout_samples} samples") == 1, line
+
+
 def test_a_saved_gn_ws_conversion_is_a_model_convert_folds_into_an_onnx_without_norms(tmp_path):
     """The round trip's last step: `normswap convert SAVED_DIR --to fold --calib digits --fold-norms all`."""
     import normswap

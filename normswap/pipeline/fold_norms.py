@@ -193,6 +193,11 @@ class FoldNormsReport:
     def _n(self) -> str:
         return f"{self.heldout_samples} samples" if self.heldout_samples is not None else "the held-out data"
 
+    def _on(self) -> str:
+        """The held-out data and its count, the count once (the 20% split's name already gives it)."""
+        n = self._n()
+        return self.evaluated_on if self.evaluated_on.endswith(f"{n})") else f"{self.evaluated_on}, {n}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode if isinstance(self.mode, str) else list(self.mode), "max_drop": self.max_drop,
                 "measure": self.measure, "output_kind": self.output_kind, "evaluated_on": self.evaluated_on,
@@ -262,7 +267,7 @@ class FoldNormsReport:
             parts.append(Text(self.readout.line()))
         if self.stages:
             parts.append(Text(" → ".join(f"{s.stage} {f(s.agreement.quality if hasattr(s.agreement, 'quality') else None, 4)}"
-                                         for s in self.stages) + f" ({self.measure} on {self.evaluated_on}, {self._n()})"))
+                                         for s in self.stages) + f" ({self.measure} on {self._on()})"))
         return Group(*parts)
 
 
