@@ -64,7 +64,7 @@ def parse_fold_norms(value: str | Sequence[str] | None) -> str | list[str]:
 
 def check_max_drop(max_drop: float) -> None:
     if not (isinstance(max_drop, (int, float)) and 0.0 <= max_drop <= 1.0):
-        raise InputError(f"--max-drop must be in [0, 1] (a drop of the kind's quality, e.g. 0.005), got {max_drop!r}")
+        raise InputError(f"--max-drop must be in [0, 1] (a drop of the kind's quality, e.g. 0.01), got {max_drop!r}")
 
 
 @dataclass
