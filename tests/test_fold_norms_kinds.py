@@ -57,13 +57,15 @@ def test_auto_keeps_the_instance_norms_of_a_contrast_invariant_net_and_folds_its
     by = {s["site"]: s for s in res.to_dict()["fold_norms"]["sites"]}
     assert [n for n, s in by.items() if s["folded"]] == ["c3.1"]
     acts = {a.site: a for a in res.conversion.actions}
+    trial = res.to_dict()["fold_norms"]["auto_all"]
+    kept_refits = (f"{trial['producers_refit']} producer(s) refit" if trial["producers_refit"] else "no producer refit kept")
     for site in ("stem.1", "c2.1"):
         assert acts[site].action == "kept" and acts[site].reason.startswith("kept as InstanceNorm2d: auto:")
         assert "> --max-drop 0.01" in acts[site].reason and f"(alone: {by[site]['cost']:.4f})" in acts[site].reason
-        assert "; all 3 folded and refit cost 0." in acts[site].reason  # auto's second look, with the refits
+        # auto's second look, naming the refits that model kept
+        assert f"; all 3 folded ({kept_refits}, " in acts[site].reason and f") cost {trial['drop']:.4f}" in acts[site].reason
     assert by["stem.1"]["cost"] > 0.2 and by["stem.1"]["sigma_spread"] > 0.5  # the gain and offset it removes
     assert by["c3.1"]["cost"] <= 0.01
-    trial = res.to_dict()["fold_norms"]["auto_all"]
     assert trial["affines_alone"] == 1 and not trial["accepted"] and trial["drop"] > 0.2, trial
     assert res.export.op_counts.get("InstanceNormalization") == 2 and not res.export.op_counts.get("GroupNormalization")
     # a bar nothing meets: refused in one line that gives the cheapest site's measured cost and the way out

@@ -256,6 +256,10 @@ def test_digits_norm_models_fold_all_at_099_calibrated(norm):
     assert rep.auto_all is not None and rep.auto_all["affines_alone"] < 9 and rep.auto_all["accepted"], rep.auto_all
     assert rep.auto_all_line().endswith(": all folded")
     assert rep.refit_kept and len(rep.folded) == 9 and not rep.kept
+    # the auto line names the refits the delivered model carries, as the refit and readout lines report them
+    assert rep.auto_all["producers_refit"] == len(rep.refit.producers) > 0
+    assert rep.auto_all["readout_refit"] == rep.readout.kept
+    assert f"all 9 folded ({len(rep.refit.producers)} producer(s) refit, " in rep.auto_all_line()
     assert rep.stages[-1].agreement.quality >= 0.99
     assert rep.stages[-1].agreement.quality == pytest.approx(rep.auto_all["quality"])  # the trial is the model
 

@@ -89,6 +89,12 @@ class _Calibrated:
     refit_measures: dict[str, Any] | None = None
     refit_kept: bool = False
     readout: Any = None
+    agreement: Any = None  # its held-out measures, when already taken (auto's second look)
+
+    def refits(self) -> dict[str, Any]:
+        """Which refits the model carries: producers refit and kept, the readout's refit kept."""
+        return {"producers_refit": len(self.refit.producers) if self.refit is not None and self.refit_kept else 0,
+                "readout_refit": bool(self.readout is not None and self.readout.kept)}
 
 
 @dataclass
@@ -125,7 +131,8 @@ class FoldNormsReport:
     refit_measures: dict[str, Any] | None = None  # held-out measure and mean loss, affines alone / refit
     refit_kept: bool = False
     #: auto, when the affines alone stopped short of every site: all of them folded and refit, measured
-    #: (sites, affines_alone: the prefix length, quality, drop, accepted: folded all)
+    #: (sites, affines_alone: the prefix length, quality, drop, accepted: folded all, and which refits that
+    #: model kept: producers_refit, readout_refit)
     auto_all: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     latency: Any = None  # FrontLatency (normswap.pipeline.fold_front), with latency=True
@@ -185,8 +192,9 @@ class FoldNormsReport:
         """What auto's second look (every site folded, with the refits) measured and decided."""
         a = self.auto_all or {}
         drop = "unmeasured" if a.get("drop") is None else f"{a['drop']:.4f}"
+        refits = _refits_text(a)
         head = (f"auto: the affines alone stay within --max-drop {self.max_drop:g} for {a.get('affines_alone')} of "
-                f"{a.get('sites')} site(s); all {a.get('sites')} folded with the producers' and the readout's refit cost "
+                f"{a.get('sites')} site(s); all {a.get('sites')} folded ({refits}) cost "
                 f"{drop} in held-out {self.measure}")
         return head + (": all folded" if a.get("accepted") else f" > --max-drop {self.max_drop:g}: the prefix is kept")
 
@@ -269,6 +277,13 @@ class FoldNormsReport:
             parts.append(Text(" → ".join(f"{s.stage} {f(s.agreement.quality if hasattr(s.agreement, 'quality') else None, 4)}"
                                          for s in self.stages) + f" ({self.measure} on {self._on()})"))
         return Group(*parts)
+
+
+def _refits_text(a: dict[str, Any]) -> str:
+    """Which refits auto's all-sites model kept, as the report says it (``auto_all``'s counts)."""
+    p = a.get("producers_refit") or 0
+    return ((f"{p} producer(s) refit" if p else "no producer refit kept")
+            + (", the readout refit" if a.get("readout_refit") else ", no readout refit kept"))
 
 
 def _count(data: Any) -> int | None:
@@ -384,10 +399,12 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
         # divide by (digits_gn: all 9 sites 0.9867 alone, 0.9933 refit), so auto also measures every site
         # folded, refit, and folds them all when that stays within --max-drop
         trial = calibrated(fits, list(names))
-        q = quality(trial.model)
+        trial.agreement = agreement(original, trial.model, eval_data, output_kind=outputs)  # its "calibrated" stage if taken
+        q = trial.agreement.quality
         drop = None if q is None or base is None else base - q
         accepted = drop is not None and drop <= max_drop
-        rep.auto_all = {"sites": len(names), "affines_alone": len(chosen), "quality": q, "drop": drop, "accepted": accepted}
+        rep.auto_all = {"sites": len(names), "affines_alone": len(chosen), "quality": q, "drop": drop, "accepted": accepted,
+                        **trial.refits()}
         if accepted:
             chosen, result = list(names), trial
             rep.choices = choices = [SiteChoice(fits[n], True, None, cost[n]) for n in names]
@@ -395,7 +412,7 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
             also = "unmeasured" if drop is None else f"{drop:.4f}"
             for c in choices:
                 if not c.folded:
-                    c.reason += f"; all {len(names)} folded and refit cost {also}"
+                    c.reason += f"; all {len(names)} folded ({_refits_text(rep.auto_all)}) cost {also}"
     if not chosen:
         rep.model = original
         _front_latency(rep, latency, original, prefix_fits, order, eval_data, chosen, None)
@@ -411,15 +428,16 @@ def fit_and_choose(original: Any, calib: Any, *, heldout: Any = None, heldout_na
     seconds["fit"] += time.perf_counter() - t
     _front_latency(rep, latency, original, prefix_fits, order, eval_data, chosen, fits_for)
 
-    def stage(name: str, model: Any) -> None:
-        rep.stages.append(StageMetrics(stage=name, agreement=agreement(original, model, eval_data, output_kind=outputs)))
+    def stage(name: str, model: Any, measured: Any = None) -> None:
+        rep.stages.append(StageMetrics(stage=name, agreement=measured if measured is not None
+                                       else agreement(original, model, eval_data, output_kind=outputs)))
 
     stage("naive", affine_model(original, fits_for, chosen, loop="open"))
     if result is None:
         result = calibrated(fits_for, chosen)
     rep.model, rep.refit, rep.refit_measures, rep.refit_kept, rep.readout = (
         result.model, result.refit, result.refit_measures, result.refit_kept, result.readout)
-    stage("calibrated", rep.model)
+    stage("calibrated", rep.model, result.agreement)
     if recover_steps:
         from normswap.defaults import DEFAULT_LR, DEFAULT_RECOVER_BATCH
         from normswap.keep.recover import recover
