@@ -84,9 +84,9 @@ class BNParams:
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
-    # float64 (s, t) of BN(x) = s·x + t, computed by the check (bn_scale_shift)
-    scale: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
+    # float64 (s, t) of BN(x) = s·x + t (bn_scale_shift), computed by bn_params' check
+    scale: torch.Tensor
+    shift: torch.Tensor
 
 
 def _is_timm(m: nn.Module, names: set[str]) -> bool:
